@@ -1,0 +1,145 @@
+"""adder_conv2d (fast path) against the plain float64 reference, values and the official
+AdderNet backward rules, over a grid of shapes, strides, paddings and kernel sizes."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from awn_jax.ops import adder_conv2d
+from awn_jax.ops import reference
+
+# Compiled once per shape: op-by-op dispatch of the unrolled taps is what is slow here.
+adder_conv2d_reference = jax.jit(reference.adder_conv2d_reference, static_argnums=(2, 3))
+adder_conv2d_reference_grads = jax.jit(reference.adder_conv2d_reference_grads,
+                                       static_argnums=(3, 4, 5))
+
+# (batch, height, width, cin, cout, kernel_size, stride, padding)
+GRID = [
+    (2, 8, 8, 3, 4, 3, 1, 1),
+    (3, 7, 9, 5, 6, 3, 2, 1),
+    (1, 6, 6, 4, 2, 3, 1, 0),
+    (2, 9, 7, 2, 3, 3, 2, 0),
+    (2, 8, 8, 6, 5, 1, 2, 0),
+    (4, 5, 5, 3, 7, 1, 1, 0),
+    (1, 5, 6, 3, 3, 1, 1, 1),
+    (2, 10, 10, 16, 8, 3, 2, 1),
+]
+
+
+def _inputs(case, dtype, seed=0):
+    n, h, w, cin, cout, k, stride, padding = case
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n, h, w, cin), dtype)
+    kernel = jax.random.normal(kw, (k, k, cin, cout), dtype)
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (w + 2 * padding - k) // stride + 1
+    g = jax.random.normal(kg, (n, ho, wo, cout), dtype)
+    return x, kernel, g, stride, padding
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _fast_grads(x, kernel, g, stride, padding, eta):
+    _, vjp = jax.vjp(lambda a, b: adder_conv2d(a, b, stride, padding, eta), x, kernel)
+    return vjp(g)
+
+
+def _assert_close(actual, expected, rtol):
+    """Relative to the largest magnitude of the expected tensor, so near-zero entries
+    of a sum with cancellation do not dominate."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol,
+                               atol=rtol * max(np.abs(expected).max(), 1e-30))
+
+
+@pytest.mark.parametrize("case", GRID)
+@pytest.mark.parametrize("eta", [0.2, None])
+def test_float64_matches_reference(case, eta):
+    with jax.enable_x64():
+        x, kernel, g, stride, padding = _inputs(case, jnp.float64)
+        y = jax.jit(adder_conv2d, static_argnums=(2, 3, 4))(x, kernel, stride, padding, eta)
+        chex.assert_trees_all_close(y, adder_conv2d_reference(x, kernel, stride, padding),
+                                    rtol=1e-12)
+        dx, dw = _fast_grads(x, kernel, g, stride, padding, eta)
+        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
+        _assert_close(dx, rdx, 1e-12)
+        _assert_close(dw, rdw, 1e-12)
+
+
+@pytest.mark.parametrize("case", GRID)
+@pytest.mark.parametrize("eta", [0.2, None])
+def test_float32_within_1e5_of_float64_reference(case, eta):
+    x32, k32, g32, stride, padding = _inputs(case, jnp.float32, seed=1)
+    y = jax.jit(adder_conv2d, static_argnums=(2, 3, 4))(x32, k32, stride, padding, eta)
+    dx, dw = _fast_grads(x32, k32, g32, stride, padding, eta)
+    chex.assert_type([y, dx, dw], jnp.float32)
+    with jax.enable_x64():
+        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x32, k32, g32))
+        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-5)
+        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
+        _assert_close(dx, rdx, 1e-5)
+        _assert_close(dw, rdw, 1e-5)
+
+
+def test_backward_is_the_official_rule_not_the_true_derivative():
+    """The HardTanh input gradient and full-precision weight gradient differ from the
+    derivative of -|x - w| (which is sign-valued); the op must use the former."""
+    x, kernel, g, stride, padding = _inputs(GRID[0], jnp.float32)
+    x = 3.0 * x  # many |w - p| > 1, where HardTanh and sign agree, and many < 1, where not
+    dx, dw = _fast_grads(x, kernel, g, stride, padding, None)
+    true_dx, true_dw = jax.vjp(
+        lambda a, b: adder_conv2d_reference(a, b, stride, padding), x, kernel)[1](g)
+    assert float(jnp.max(jnp.abs(dw - true_dw))) > 1e-2
+    assert float(jnp.max(jnp.abs(dx - true_dx))) > 1e-2
+
+
+@pytest.mark.parametrize("eta", [0.2, 1.0])
+def test_adaptive_scaling_sets_the_weight_gradient_norm(eta):
+    x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
+    _, dw = _fast_grads(x, kernel, g, stride, padding, eta)
+    np.testing.assert_allclose(jnp.linalg.norm(dw), eta * np.sqrt(kernel.size), rtol=1e-5)
+
+
+def test_works_under_vmap_and_grad_and_jit():
+    x, kernel, g, stride, padding = _inputs(GRID[0], jnp.float32)
+
+    def loss(kernel, x):
+        return jnp.sum(adder_conv2d(x, kernel, stride, padding) * g)
+
+    grad_fn = jax.jit(jax.grad(loss))
+    dw = grad_fn(kernel, x)
+    # vmap over the batch: per-example outputs equal the batched ones.
+    per_example = jax.vmap(lambda xi: adder_conv2d(xi[None], kernel, stride, padding)[0])(x)
+    chex.assert_trees_all_close(per_example, adder_conv2d(x, kernel, stride, padding),
+                                rtol=1e-6)
+    # vmap over a stack of kernels: each slice matches its own unbatched gradient.
+    kernels = jnp.stack([kernel, 2.0 * kernel])
+    stacked = jax.vmap(grad_fn, in_axes=(0, None))(kernels, x)
+    chex.assert_trees_all_close(stacked[0], dw, rtol=1e-5)
+    chex.assert_trees_all_close(stacked[1], grad_fn(2.0 * kernel, x), rtol=1e-5)
+
+
+def test_bfloat16_inputs():
+    x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
+    xb, kb, gb = (a.astype(jnp.bfloat16) for a in (x, kernel, g))
+    y = adder_conv2d(xb, kb, stride, padding)
+    dx, dw = _fast_grads(xb, kb, gb, stride, padding, 0.2)
+    chex.assert_type([y, dx, dw], jnp.bfloat16)
+    chex.assert_tree_all_finite([y, dx, dw])
+    y32 = adder_conv2d(xb.astype(jnp.float32), kb.astype(jnp.float32), stride, padding)
+    _assert_close(y, y32, 1e-2)
+
+
+@pytest.mark.parametrize("x_shape, k_shape, kwargs, message", [
+    ((8, 8, 3), (3, 3, 3, 4), {}, "NHWC"),
+    ((1, 8, 8, 3), (3, 3, 4), {}, "HWIO"),
+    ((1, 8, 8, 3), (3, 3, 5, 4), {}, "channels"),
+    ((1, 8, 8, 3), (3, 3, 3, 4), {"stride": 0}, "stride"),
+    ((1, 8, 8, 3), (3, 3, 3, 4), {"padding": -1}, "padding"),
+])
+def test_bad_input_gives_a_clear_error(x_shape, k_shape, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adder_conv2d(jnp.zeros(x_shape), jnp.zeros(k_shape), **kwargs)
