@@ -33,6 +33,7 @@ def get_config():
 
     # Optimization (official recipe).
     config.batch_size = 256             # global batch, split over devices
+    config.num_devices = 0              # devices of the data-parallel mesh (0: all)
     config.num_epochs = 400
     config.learning_rate = 0.1
     config.lr_schedule = "cosine-epoch"  # cosine-epoch (official) | cosine-step | constant

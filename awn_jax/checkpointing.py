@@ -1,0 +1,87 @@
+"""Orbax checkpoints of the train state, one per epoch, and the run's resolved config.
+
+A checkpoint that cannot be restored (corrupt, or written by an incompatible config) stops
+the run with one clear error and is never overwritten; the same holds for a ``workdir``
+whose saved config disagrees with the current one on anything but bookkeeping keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+# Keys that may change between the runs of one workdir (extending or re-evaluating a run).
+RESUMABLE_CHANGES = frozenset({
+    "num_epochs", "workdir", "log_every_steps", "eval_batch_size", "eval_bn_mode",
+    "max_checkpoints_to_keep", "num_devices", "data_dir"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or workdir that cannot be used; nothing in it was changed."""
+
+
+def _config_path(workdir):
+    return os.path.join(workdir, "config.json")
+
+
+def load_config_dict(workdir: str) -> dict:
+    """The resolved config a run saved in its workdir."""
+    path = _config_path(workdir)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{workdir} holds no config.json: not a training workdir")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_or_save_config(config, workdir: str) -> None:
+    """Refuse a workdir trained with a different config; save the resolved config."""
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(_config_path(workdir)):
+        saved = load_config_dict(workdir)
+        changed = sorted(k for k in set(saved) | set(current)
+                         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise CheckpointError(f"{workdir} was trained with another config ({details}); "
+                                  "use a new --workdir or the same config")
+    if jax.process_index() == 0:
+        tmp = _config_path(workdir) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+        os.replace(tmp, _config_path(workdir))
+
+
+def make_manager(workdir: str, max_to_keep: int = 0) -> ocp.CheckpointManager:
+    """Checkpoints under ``workdir/checkpoints``, named by epoch; 0 keeps them all."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def save(manager: ocp.CheckpointManager, epoch: int, state) -> None:
+    manager.save(epoch, args=ocp.args.StandardSave(state))
+
+
+def restore(manager: ocp.CheckpointManager, epoch: int, target):
+    """The state saved after ``epoch``, laid out (shapes, dtypes, shardings) like ``target``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # Orbax raises many types; all mean "unusable".
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise CheckpointError(
+            f"cannot restore the checkpoint of epoch {epoch} in {manager.directory} "
+            f"({type(error).__name__}: {reason}); it is corrupt or from an incompatible model. "
+            "It was left untouched: move it away to start over, or use another --workdir"
+        ) from error
+
+
+def restore_latest(manager: ocp.CheckpointManager, target):
+    """``(state, epoch)`` of the latest checkpoint, or ``(target, 0)`` when there is none."""
+    epoch = manager.latest_step()
+    if epoch is None:
+        return target, 0
+    return restore(manager, epoch, target), epoch

@@ -1,0 +1,70 @@
+"""A model as pure pytrees: build it from a config, apply it under any BatchNorm mode.
+
+Training, attacks and analyses all work on ``(graphdef, params, batch_stats)`` from
+``nnx.split``: plain pytrees that ``jax.jit`` shards and Orbax saves. The BatchNorm mode
+is a static attribute of the modules, so it lives in the graphdef: :func:`with_bn_mode`
+returns the graphdef of the same model in another mode, and :func:`apply_model` runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from awn_jax.nn import create_model, set_bn_mode
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+
+
+def build_model(config, info) -> nnx.Module:
+    """The configured model for a dataset (``info``: its classes and channel statistics)."""
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {config.compute_dtype!r}; "
+                         f"expected one of {tuple(COMPUTE_DTYPES)}")
+    return create_model(
+        config.model, num_classes=info.num_classes, layer_type=config.layer_type,
+        mean=info.mean, std=info.std, eta=config.eta if config.eta > 0 else None,
+        eps=config.weight_norm_eps, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+        rngs=nnx.Rngs(config.seed))
+
+
+def split_model(model: nnx.Module):
+    """``(graphdef, params, batch_stats)``; fails if the model holds any other state."""
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"model holds state that is neither Param nor BatchStat: {rest}")
+    return graphdef, params, batch_stats
+
+
+def with_bn_mode(graphdef, params, batch_stats, mode: str):
+    """The graphdef of the same model with every BatchNorm in ``mode``."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    set_bn_mode(model, mode)
+    return nnx.split(model, nnx.Param, nnx.BatchStat)[0]
+
+
+def apply_model(graphdef, params, batch_stats, images) -> tuple[jax.Array, Any]:
+    """Logits for images in [0, 1], and the batch statistics after the call (changed
+    only when the graphdef's BatchNorms are in ``train`` mode)."""
+    # copy: fresh Variables at the caller's trace level, so BatchNorm can update them
+    # inside jax.grad.
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits = model(images)
+    return logits, nnx.state(model, nnx.BatchStat)
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

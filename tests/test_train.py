@@ -1,0 +1,140 @@
+"""The training loop end to end on synthetic data: metrics, checkpoints, resume, data
+parallelism, and the failures that must stop a run without losing anything."""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from awn_jax import checkpointing, data
+from awn_jax import train as train_module
+from awn_jax.metrics_io import read_metrics
+from awn_jax.train import Trainer, make_mesh, train_and_evaluate
+from configs import smoke
+
+COMPARED = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
+            "bn_mean_drift", "bn_var_drift")
+
+
+def _config(**overrides):
+    config = smoke.get_config()
+    config.update(dict(synthetic_num_train=96, synthetic_num_test=48, batch_size=32,
+                       eval_batch_size=48, image_size=8, crop_padding=1, num_epochs=2,
+                       num_devices=1, log_every_steps=2))
+    config.update(overrides)
+    return config
+
+
+def _compared(metrics):
+    return [{k: m[k] for k in COMPARED} for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    train_and_evaluate(_config(), workdir)
+    return workdir
+
+
+def test_smoke_run_writes_metrics_checkpoints_and_config(uninterrupted):
+    metrics = read_metrics(uninterrupted)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert all(np.isfinite(m[k]) for k in COMPARED + ("images_per_second",))
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+    assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == ["1", "2"]
+    saved = checkpointing.load_config_dict(uninterrupted)
+    assert saved["layer_type"] == "adder-awn" and saved["num_epochs"] == 2
+    assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(uninterrupted, tmp_path,
+                                                           monkeypatch):
+    workdir = str(tmp_path)
+    original = data.Dataset.train_batches
+
+    def killed_in_second_epoch(self, epoch, *args, **kwargs):
+        for step, batch in enumerate(original(self, epoch, *args, **kwargs)):
+            if epoch == 1 and step == 2:
+                raise _Killed
+            yield batch
+
+    monkeypatch.setattr(data.Dataset, "train_batches", killed_in_second_epoch)
+    with pytest.raises(_Killed):
+        train_and_evaluate(_config(), workdir)
+    assert [m["epoch"] for m in read_metrics(workdir)] == [1]
+    monkeypatch.setattr(data.Dataset, "train_batches", original)
+    train_and_evaluate(_config(), workdir)
+    assert _compared(read_metrics(workdir)) == _compared(read_metrics(uninterrupted))
+
+
+def test_eight_devices_give_the_loss_of_one():
+    assert len(jax.devices()) == 8, "tests/conftest.py asks for 8 CPU devices"
+    config = _config(batch_size=32)
+    dataset = data.get_dataset(config)
+    batch = next(dataset.train_batches(0, config.batch_size))
+    results = []
+    for devices in (1, 8):
+        trainer = Trainer(config, dataset, make_mesh(devices))
+        state, metrics = trainer._train_step(trainer.initial_state,
+                                             trainer.global_batch(batch, trainer.sharded))
+        results.append((jax.device_get(metrics), jax.device_get(state.params)))
+    (m1, p1), (m8, p8) = results
+    chex.assert_trees_all_close(m1, m8, rtol=1e-5)
+    chex.assert_trees_all_close(p1, p8, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    config = _config(batch_size=36, num_devices=8)
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        Trainer(config, data.get_dataset(config), make_mesh(8))
+
+
+def test_corrupt_checkpoint_stops_the_run_and_is_kept(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "corrupt")
+    os.makedirs(workdir)
+    os.system(f"cp -r {uninterrupted}/checkpoints {uninterrupted}/config.json {workdir}/")
+    damaged = []
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "2")):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "wb") as f:
+                f.write(b"not a checkpoint")
+            damaged.append(path)
+    with pytest.raises(checkpointing.CheckpointError, match="epoch 2.*left untouched"):
+        train_and_evaluate(_config(num_epochs=3), workdir)
+    for path in damaged:
+        with open(path, "rb") as f:
+            assert f.read() == b"not a checkpoint"
+
+
+def test_workdir_of_another_config_is_refused(uninterrupted):
+    before = read_metrics(uninterrupted)
+    with pytest.raises(checkpointing.CheckpointError, match="layer_type"):
+        train_and_evaluate(_config(layer_type="adder"), uninterrupted)
+    assert read_metrics(uninterrupted) == before
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """The loss of step 5 (the 2nd of epoch 2) turns NaN inside the jitted step.
+    (NaN inputs would not do: ReLU on XLA:CPU maps NaN to 0.)"""
+    workdir = str(tmp_path)
+    real_step = train_module.train_step
+
+    def step_with_nan_at_5(graphdef, tx, state, batch):
+        new_state, metrics = real_step(graphdef, tx, state, batch)
+        metrics["loss"] = jnp.where(state.step == 4, jnp.nan, metrics["loss"])
+        return new_state, metrics
+
+    monkeypatch.setattr(train_module, "train_step", step_with_nan_at_5)
+    with pytest.raises(FloatingPointError, match=r"step 5 \(epoch 2\)"):
+        train_and_evaluate(_config(), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+    assert [m["epoch"] for m in read_metrics(workdir)] == [1]

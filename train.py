@@ -1,0 +1,31 @@
+"""Train an adder (or convolutional) ResNet: ``python train.py --config configs/cifar10_r20_awn.py``.
+
+Any config key can be overridden, e.g. ``--config.num_epochs=1 --config.batch_size=64``;
+an unknown key is an error. ``--workdir`` defaults to the config's ``workdir``; a run
+resumes from the latest checkpoint there.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from awn_jax.train import maybe_initialize_distributed, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Training configuration file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (one process per host; "
+    "cluster environments such as SLURM are detected by JAX).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    maybe_initialize_distributed(_MULTIHOST.value)
+    config = _CONFIG.value
+    train_and_evaluate(config, _WORKDIR.value or config.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
