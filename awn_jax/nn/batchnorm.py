@@ -1,0 +1,85 @@
+"""Batch normalization with the four statistics modes the paper compares.
+
+The paper's robust inference (Eq. 17) normalizes at test time with the current batch's
+mean and the tracked variance; its ablation uses both batch statistics. A mode is a
+plain attribute of each BatchNorm, so a trained model is switched between them by
+:func:`set_bn_mode` without rebuilding or copying parameters.
+
+Conventions follow PyTorch (the paper's models are PyTorch): momentum 0.1 (running =
+0.9 * running + 0.1 * batch), the running variance is updated with the unbiased batch
+variance while the batch itself is normalized with the biased one, eps = 1e-5.
+Statistics are taken over every axis but the last (N, H, W for NHWC). Under ``jax.jit``
+with the batch sharded over a mesh, ``jnp.mean`` over the batch axis is already global,
+as on one device.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+BN_MODES = ("train", "tracked", "running-mean", "running")
+"""``train``: batch mean and variance, running averages updated.
+``tracked``: running mean and variance (ordinary inference).
+``running-mean``: batch mean, running variance (the paper's "-R", Eq. 17).
+``running``: batch mean and variance, nothing updated (the paper's "-r")."""
+
+
+def check_bn_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`BN_MODES`, else raise ValueError."""
+    if mode not in BN_MODES:
+        raise ValueError(f"unknown BatchNorm mode {mode!r}; expected one of {BN_MODES}")
+    return mode
+
+
+class BatchNorm(nnx.Module):
+    """Per-channel batch normalization whose statistics are chosen by ``mode``.
+
+    Only ``train`` changes the running averages. Statistics are computed in float32
+    and the output has the input's dtype.
+    """
+
+    def __init__(self, num_features: int, *, mode: str = "train", momentum: float = 0.1,
+                 eps: float = 1e-5):
+        self.num_features = num_features
+        self.mode = check_bn_mode(mode)
+        self.momentum = momentum
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        if self.mode == "tracked":
+            mean = self.mean[...]
+        else:
+            mean = jnp.mean(x32, axis=axes)
+        if self.mode in ("tracked", "running-mean"):
+            var = self.var[...]
+        else:
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+        if self.mode == "train":
+            self._update_running_stats(mean, var, count=x.size // x.shape[-1])
+        y = (x32 - mean) * (self.scale[...] / jnp.sqrt(var + self.eps)) + self.bias[...]
+        return y.astype(x.dtype)
+
+    def _update_running_stats(self, mean, biased_var, count: int):
+        if count < 2:
+            raise ValueError("BatchNorm in 'train' mode needs more than 1 value per channel "
+                             "(the unbiased variance is undefined)")
+        unbiased_var = biased_var * (count / (count - 1))
+        m = self.momentum
+        # set_value, not `[...] =`: the indexed form compares shardings, slow on tracers
+        self.mean.set_value((1 - m) * self.mean[...] + m * mean)
+        self.var.set_value((1 - m) * self.var[...] + m * unbiased_var)
+
+
+def set_bn_mode(model: nnx.Module, mode: str) -> None:
+    """Switch every :class:`BatchNorm` inside ``model`` to ``mode``, in place."""
+    check_bn_mode(mode)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, BatchNorm):
+            module.mode = mode

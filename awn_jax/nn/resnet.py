@@ -1,0 +1,177 @@
+"""ResNets of the official AdderNet code, with the layer type as one switch.
+
+CIFAR (``resnet20.py``): 3x3 stem 3->16, three stages of BasicBlocks, widths 16/32/64.
+ImageNet (``resnet50.py``; ResNet-18 uses the same frame with BasicBlocks): 7x7/2 stem
+3->64 and a 3x3/2 max pool, four stages, widths 64/128/256/512, the stride of a
+Bottleneck on its 3x3 layer. In both, the stem and the classifier are ordinary
+(multiplying) convolutions; every layer inside the blocks, the 1x1 projection shortcuts
+included, has the model's ``layer_type``. The head is a global average pool, a 1x1
+convolution without bias and a BatchNorm, as in the official code. Two documented
+differences from it, neither changing the function: the official ImageNet classifier
+has a bias, which the BatchNorm after it cancels, so it is left out; its fixed-size
+average pools (8 on CIFAR) are written as a global mean, so small test inputs work.
+
+The model takes images in [0, 1] (NHWC) and normalizes them itself, so attacks work in
+pixel space; it returns float32 logits of shape (N, num_classes).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from awn_jax.nn.batchnorm import BatchNorm
+from awn_jax.nn.layers import Conv2d, check_layer_type
+
+MakeLayer = Callable[..., Conv2d]  # (in_features, out_features, kernel_size, stride=1)
+
+
+class Projection(nnx.Module):
+    """Shortcut used where a block changes the shape: strided 1x1 layer + BatchNorm."""
+
+    def __init__(self, in_features: int, out_features: int, stride: int,
+                 make_layer: MakeLayer):
+        self.conv = make_layer(in_features, out_features, 1, stride)
+        self.bn = BatchNorm(out_features)
+
+    def __call__(self, x):
+        return self.bn(self.conv(x))
+
+
+def _shortcut(in_features, out_features, stride, make_layer) -> Projection | None:
+    """Identity (``None``) when the shape is kept, else a :class:`Projection`."""
+    if stride == 1 and in_features == out_features:
+        return None
+    return Projection(in_features, out_features, stride, make_layer)
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 layers, each with BatchNorm, plus the shortcut (ResNet-18/20/32/56)."""
+
+    expansion = 1
+
+    def __init__(self, in_features: int, features: int, stride: int, make_layer: MakeLayer):
+        self.conv1 = make_layer(in_features, features, 3, stride)
+        self.bn1 = BatchNorm(features)
+        self.conv2 = make_layer(features, features, 3)
+        self.bn2 = BatchNorm(features)
+        self.shortcut = _shortcut(in_features, features, stride, make_layer)
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return nnx.relu(y + residual)
+
+
+class Bottleneck(nnx.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, each with BatchNorm (ResNet-50)."""
+
+    expansion = 4
+
+    def __init__(self, in_features: int, features: int, stride: int, make_layer: MakeLayer):
+        out_features = features * self.expansion
+        self.conv1 = make_layer(in_features, features, 1)
+        self.bn1 = BatchNorm(features)
+        self.conv2 = make_layer(features, features, 3, stride)
+        self.bn2 = BatchNorm(features)
+        self.conv3 = make_layer(features, out_features, 1)
+        self.bn3 = BatchNorm(out_features)
+        self.shortcut = _shortcut(in_features, out_features, stride, make_layer)
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = nnx.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return nnx.relu(y + residual)
+
+
+class ResNet(nnx.Module):
+    """Stem, stages of residual blocks (stride 2 from the second stage on), head.
+
+    Args:
+      block: :class:`BasicBlock` or :class:`Bottleneck`.
+      stage_sizes: blocks per stage.
+      stage_widths: block width (before expansion) per stage.
+      imagenet_stem: 7x7/2 convolution and 3x3/2 max pool instead of a 3x3 convolution.
+      num_classes: number of logits.
+      layer_type: type of the layers inside the blocks (see ``LAYER_TYPES``).
+      mean, std: per-channel input normalization of [0, 1] images.
+      eta, eps, compute_dtype: passed to every :class:`Conv2d`.
+      rngs: random streams for the kernels.
+    """
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], stage_sizes: Sequence[int],
+                 stage_widths: Sequence[int], *, imagenet_stem: bool, num_classes: int,
+                 layer_type: str, mean: Sequence[float], std: Sequence[float],
+                 eta: float | None = 0.2, eps: float = 1e-5, compute_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        check_layer_type(layer_type)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need one value per RGB channel, got {mean}, {std}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.imagenet_stem = imagenet_stem
+
+        conv = functools.partial(Conv2d, layer_type="conv", compute_dtype=compute_dtype,
+                                 rngs=rngs)
+        make_layer = functools.partial(Conv2d, layer_type=layer_type, eta=eta, eps=eps,
+                                       compute_dtype=compute_dtype, rngs=rngs)
+
+        if imagenet_stem:
+            self.stem_conv = conv(3, stage_widths[0], 7, stride=2)
+        else:
+            self.stem_conv = conv(3, stage_widths[0], 3)
+        self.stem_bn = BatchNorm(stage_widths[0])
+
+        in_features = stage_widths[0]
+        stages = []
+        for index, (size, width) in enumerate(zip(stage_sizes, stage_widths)):
+            blocks = []
+            for block_index in range(size):
+                stride = 2 if index > 0 and block_index == 0 else 1
+                blocks.append(block(in_features, width, stride, make_layer))
+                in_features = width * block.expansion
+            stages.append(nnx.List(blocks))
+        self.stages = nnx.List(stages)
+
+        self.classifier = conv(in_features, num_classes, 1)
+        self.classifier_bn = BatchNorm(num_classes)
+
+    def __call__(self, images):
+        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        x = nnx.relu(self.stem_bn(self.stem_conv(x)))
+        if self.imagenet_stem:
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        x = jnp.mean(x, axis=(1, 2), keepdims=True)
+        x = self.classifier_bn(self.classifier(x))
+        return x.reshape(x.shape[0], -1).astype(jnp.float32)
+
+
+# name -> (block, blocks per stage, stage widths, ImageNet stem)
+ARCHITECTURES = {
+    "resnet20": (BasicBlock, (3, 3, 3), (16, 32, 64), False),
+    "resnet32": (BasicBlock, (5, 5, 5), (16, 32, 64), False),
+    "resnet56": (BasicBlock, (9, 9, 9), (16, 32, 64), False),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), True),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), True),
+}
+
+
+def create_model(name: str, *, num_classes: int, layer_type: str, mean: Sequence[float],
+                 std: Sequence[float], eta: float | None = 0.2, eps: float = 1e-5,
+                 compute_dtype=jnp.float32, rngs: nnx.Rngs) -> ResNet:
+    """Build one of :data:`ARCHITECTURES` by name."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; expected one of {tuple(ARCHITECTURES)}")
+    block, stage_sizes, stage_widths, imagenet_stem = ARCHITECTURES[name]
+    return ResNet(block, stage_sizes, stage_widths, imagenet_stem=imagenet_stem,
+                  num_classes=num_classes, layer_type=layer_type, mean=mean, std=std,
+                  eta=eta, eps=eps, compute_dtype=compute_dtype, rngs=rngs)
