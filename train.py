@@ -8,6 +8,7 @@ resumes from the latest checkpoint there.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from awn_jax import cli
 from awn_jax.train import maybe_initialize_distributed, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

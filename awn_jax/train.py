@@ -172,10 +172,10 @@ def _flat(batch_stats):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train ``config`` into ``workdir`` (resuming from its latest checkpoint); returns the
     last epoch's metrics."""
+    dataset = data.get_dataset(config)
+    trainer = Trainer(config, dataset, make_mesh(config.num_devices))  # validates config
     os.makedirs(workdir, exist_ok=True)
     checkpointing.check_or_save_config(config, workdir)
-    dataset = data.get_dataset(config)
-    trainer = Trainer(config, dataset, make_mesh(config.num_devices))
     manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
     state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
     writer = MetricsWriter(workdir, start_epoch)

@@ -2,6 +2,8 @@
 parallelism, and the failures that must stop a run without losing anything."""
 
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -15,6 +17,7 @@ from awn_jax.metrics_io import read_metrics
 from awn_jax.train import Trainer, make_mesh, train_and_evaluate
 from configs import smoke
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
             "bn_mean_drift", "bn_var_drift")
 
@@ -138,3 +141,20 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypat
         train_and_evaluate(_config(), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
     assert [m["epoch"] for m in read_metrics(workdir)] == [1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.bogus=1", "unknown config key bogus"),
+    ("--config.batch_size=abc", "config.batch_size"),
+    ("--config.layer_type=foo", "unknown layer_type 'foo'"),
+    ("--config.dataset=mnist", "unknown dataset 'mnist'"),
+])
+def test_cli_reports_bad_input_in_one_line(override, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/smoke.py", override,
+         "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []

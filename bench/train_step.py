@@ -1,0 +1,82 @@
+"""Images/s of one jit-compiled train step: ResNet-20 CNN vs ANN vs ANN-WS vs ANN-AWN.
+
+Every layer type runs the same step (forward, the adder layers' custom backward,
+optimizer update) on the same random CIFAR-shaped batch in one process, so the ratios
+against the CNN are comparable. Compile time is excluded; the median of ``--repeats``
+timed steps is reported.
+
+    python bench/train_step.py --batch 128 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from awn_jax import data
+from awn_jax.train import Trainer, make_mesh
+from configs import default
+
+LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def time_train_step(layer_type: str, batch: int, repeats: int, model: str) -> tuple[float, float]:
+    """(median seconds per step, compile seconds) for one layer type."""
+    config = default.get_config()
+    config.update(dict(dataset="synthetic", synthetic_num_train=batch, synthetic_num_test=batch,
+                       image_size=32, batch_size=batch, layer_type=layer_type, model=model,
+                       num_devices=1))
+    dataset = data.get_dataset(config)
+    trainer = Trainer(config, dataset, make_mesh(1))
+    images = trainer.global_batch(next(dataset.train_batches(0, batch)), trainer.sharded)
+    state = trainer.initial_state
+    start = time.perf_counter()
+    state, metrics = trainer._train_step(state, images)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = trainer._train_step(state, images)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), compile_seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--layer-types", nargs="+", default=list(LAYER_TYPES))
+    args = parser.parse_args()
+    print(f"# train step, {args.model}, batch {args.batch}, median of {args.repeats}")
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+          f"{jax.devices()[0].platform}; load average at start {os.getloadavg()[0]:.2f}")
+    print("| layer type | ms / step | images/s | step time vs conv | compile s |")
+    print("|---|---|---|---|---|")
+    baseline = None
+    for layer_type in args.layer_types:
+        seconds, compile_seconds = time_train_step(layer_type, args.batch, args.repeats, args.model)
+        baseline = baseline or seconds
+        print(f"| {layer_type} | {1e3 * seconds:.0f} | {args.batch / seconds:.1f} | "
+              f"{seconds / baseline:.2f}x | {compile_seconds:.0f} |", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
