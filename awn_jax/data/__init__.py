@@ -1,0 +1,31 @@
+"""Input pipeline: TFDS (cifar10, cifar100, imagenet2012), image folders and synthetic data.
+
+    dataset = get_dataset(config)
+    dataset.info                                   # DatasetInfo: classes, shapes, sizes, mean/std
+    dataset.steps_per_epoch(global_batch_size)     # full batches; the remainder is dropped
+    dataset.train_batches(epoch, global_batch_size, process_index=0, process_count=1)
+    dataset.test_batches(global_batch_size, num_examples=None, process_index=0, process_count=1)
+
+Batches are dicts of numpy arrays: image float32 (local_batch, H, W, C) in [0, 1] (the model
+normalizes with info.mean/std) and label int32 (local_batch,).
+"""
+
+from awn_jax.data import image_folder, synthetic, tfds_source
+from awn_jax.data.pipeline import Dataset, DatasetInfo
+
+_LOADERS = {
+    **{name: tfds_source.load for name in tfds_source.DATASETS},
+    "image_folder": image_folder.load,
+    "synthetic": synthetic.load,
+}
+
+__all__ = ["Dataset", "DatasetInfo", "get_dataset"]
+
+
+def get_dataset(config):
+    """The dataset named by config.dataset, with its augmentation and sizes from config."""
+    if config.dataset not in _LOADERS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; set --config.dataset to one of "
+                         f"{', '.join(sorted(_LOADERS))}")
+    info, train, test = _LOADERS[config.dataset](config)
+    return Dataset(info, train, test, seed=config.seed)

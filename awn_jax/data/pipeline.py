@@ -1,0 +1,182 @@
+"""Ordering, augmentation randomness, batching and process sharding, shared by all sources.
+
+A source supplies two splits that turn example indices into uint8 images; the Dataset
+decides which indices form which batch. The train order and every augmentation draw are a
+function of (seed, epoch, position in the epoch) only. So a run resumed at an epoch
+boundary sees the batches of an uninterrupted run, and the global batches do not depend on
+how many processes share them: each process materializes only its own contiguous slice.
+"""
+
+import concurrent.futures
+import dataclasses
+
+import numpy as np
+
+from awn_jax.data import transforms
+
+# Distinct streams of randomness derived from (seed, epoch).
+_ORDER, _CROPS, _EXAMPLE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and trainer need to know about a dataset.
+
+    mean and std are per channel in [0, 1] pixel units; normalization lives in the model.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_test: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class ArraySplit:
+    """A split held in memory as uint8 arrays; trains with pad-and-crop plus flips (CIFAR)."""
+
+    def __init__(self, images, labels, *, crop_padding=0, random_flip=False):
+        self.images = images
+        self.labels = labels.astype(np.int32)
+        self._padding = crop_padding
+        self._flip = random_flip
+        self._draws = (None, None)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def read(self, indices):
+        return self.images[indices], self.labels[indices]
+
+    def read_augmented(self, indices, positions, seed, epoch):
+        offsets, flips = self._epoch_draws(seed, epoch)
+        images = transforms.pad_crop_flip(
+            self.images[indices], offsets[positions], flips[positions], self._padding)
+        return images, self.labels[indices]
+
+    def _epoch_draws(self, seed, epoch):
+        """Crop offsets and flips for every position of the epoch, kept for the current epoch."""
+        key, draws = self._draws
+        if key != (seed, epoch):
+            rng = np.random.default_rng([seed, epoch, _CROPS])
+            offsets = rng.integers(0, 2 * self._padding + 1, size=(len(self), 2))
+            flips = rng.random(len(self)) < 0.5 if self._flip else np.zeros(len(self), bool)
+            draws = offsets, flips
+            self._draws = (seed, epoch), draws
+        return draws
+
+
+class StreamSplit:
+    """A split decoded per example from a random-access source (ImageNet).
+
+    Trains with random-resized-crop plus flips, evaluates with resize and center crop;
+    examples of a batch are decoded on a thread pool (PIL releases the GIL). Each example's
+    augmentation has its own generator, seeded by (seed, epoch, position).
+    """
+
+    def __init__(self, source, image_size, *, random_flip=True):
+        self._source = source
+        self._size = image_size
+        self._flip = random_flip
+        self._pool = concurrent.futures.ThreadPoolExecutor()
+
+    def __len__(self):
+        return len(self._source)
+
+    def read(self, indices):
+        return self._stack(self._pool.map(self._test_example, map(int, indices)))
+
+    def read_augmented(self, indices, positions, seed, epoch):
+        entropies = [(seed, epoch, _EXAMPLE, int(p)) for p in positions]
+        return self._stack(self._pool.map(self._train_example, map(int, indices), entropies))
+
+    def _stack(self, examples):
+        examples = list(examples)
+        if not examples:
+            return np.zeros((0, self._size, self._size, 3), np.uint8), np.zeros(0, np.int32)
+        images, labels = zip(*examples)
+        return np.stack(images), np.asarray(labels, np.int32)
+
+    def _train_example(self, index, entropy):
+        example = self._source[index]
+        rng = np.random.default_rng(entropy)
+        image = transforms.random_resized_crop(example["image"], self._size, rng)
+        if self._flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return image, example["label"]
+
+    def _test_example(self, index):
+        example = self._source[index]
+        return transforms.resize_center_crop(example["image"], self._size), example["label"]
+
+
+class Dataset:
+    """Train and test batches of one dataset, as float32 images in [0, 1] and int32 labels."""
+
+    def __init__(self, info, train, test, *, seed):
+        self.info = info
+        self._train = train
+        self._test = test
+        self._seed = seed
+
+    def steps_per_epoch(self, global_batch_size):
+        """Full batches per epoch; the remainder of the shuffled train split is dropped."""
+        steps = self.info.num_train // global_batch_size
+        if steps == 0:
+            raise ValueError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
+                             f"training examples of {self.info.name}; lower --config.batch_size")
+        return steps
+
+    def train_batches(self, epoch, global_batch_size, *, process_index=0, process_count=1):
+        """This process's slice of each global train batch of `epoch`, shuffled and augmented."""
+        local = _local_batch_size(global_batch_size, process_count)
+        order = np.random.default_rng([self._seed, epoch, _ORDER]).permutation(self.info.num_train)
+        for step in range(self.steps_per_epoch(global_batch_size)):
+            start = step * global_batch_size + process_index * local
+            positions = np.arange(start, start + local)
+            images, labels = self._train.read_augmented(
+                order[positions], positions, self._seed, epoch)
+            yield _batch(images, labels)
+
+    def test_batches(self, global_batch_size, *, num_examples=None, process_index=0,
+                     process_count=1):
+        """The first `num_examples` test examples (all by default) in order, each once.
+
+        The last global batch may be smaller; it is split over processes as evenly as possible.
+        """
+        _local_batch_size(global_batch_size, process_count)
+        total = self.info.num_test
+        if num_examples is not None:
+            total = min(num_examples, total)
+        for start in range(0, total, global_batch_size):
+            stop = min(start + global_batch_size, total)
+            indices = np.array_split(np.arange(start, stop), process_count)[process_index]
+            yield _batch(*self._test.read(indices))
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images in [0, 1] units, exact, from histograms.
+
+    Counting the 256 values per channel is exact and faster than float sums over the array.
+    """
+    flat = images.reshape(-1, images.shape[-1])
+    hists = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(flat.shape[1])])
+    values = np.arange(256) / 255.0
+    mean = hists @ values / len(flat)
+    std = np.sqrt(np.maximum(hists @ np.square(values) / len(flat) - np.square(mean), 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _local_batch_size(global_batch_size, process_count):
+    if global_batch_size % process_count:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                         f"{process_count} processes; choose a multiple of {process_count}")
+    return global_batch_size // process_count
+
+
+def _batch(images, labels):
+    images = images.astype(np.float32)
+    images /= 255.0
+    return {"image": images, "label": labels.astype(np.int32)}

@@ -1,0 +1,94 @@
+"""TFDS datasets read through `tfds.data_source` (random access, no TensorFlow at read time).
+
+Reading prepared ArrayRecord files needs only numpy and PIL. Preparing a dataset the first
+time (download + conversion) is TFDS's own builder code, which uses TensorFlow; it runs only
+when the dataset is missing, with TensorFlow kept off the accelerators.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from awn_jax.data import pipeline, transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    test_split: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    in_memory: bool  # small enough to decode once and keep as uint8 arrays
+
+
+DATASETS = {
+    # The official AdderNet CIFAR-10 normalization (main.py of the AdderNet repository).
+    "cifar10": _Spec("test", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), True),
+    "cifar100": _Spec("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "imagenet2012": _Spec("validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
+}
+
+
+def load(config):
+    """(info, train split, test split) of the TFDS dataset `config.dataset`."""
+    spec = DATASETS[config.dataset]
+    builder = _prepared_builder(config.dataset, config.data_dir or None)
+    train, test = (_data_source(builder, split) for split in ("train", spec.test_split))
+    if spec.in_memory:
+        train = _read_all(train, config.image_size, crop_padding=config.crop_padding,
+                          random_flip=config.random_flip)
+        test = _read_all(test, config.image_size)
+    else:
+        train = pipeline.StreamSplit(train, config.image_size, random_flip=config.random_flip)
+        test = pipeline.StreamSplit(test, config.image_size)
+    info = pipeline.DatasetInfo(
+        name=config.dataset,
+        num_classes=builder.info.features["label"].num_classes,
+        image_shape=(config.image_size, config.image_size, 3),
+        num_train=len(train), num_test=len(test), mean=spec.mean, std=spec.std)
+    return info, train, test
+
+
+def _prepared_builder(name, data_dir):
+    """The dataset's builder, downloading and preparing it (as ArrayRecord) when missing."""
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        logging.info("Preparing TFDS dataset %s in %s", name, builder.data_dir)
+        _keep_tensorflow_off_accelerators()
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # network, manual-download and missing-package errors alike
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
+                f"failed ({type(error).__name__}: {error}). Prepare it first, e.g. "
+                f"`tfds build {name} --file_format=array_record --data_dir=DIR` on a machine "
+                f"with network access, then pass --config.data_dir=DIR") from error
+    return builder
+
+
+def _data_source(builder, split):
+    try:
+        return builder.as_data_source(split=split)
+    except NotImplementedError as error:  # prepared as TFRecord, which has no random access
+        raise FileNotFoundError(
+            f"TFDS dataset {builder.name!r} in {builder.data_dir} has no ArrayRecord files; "
+            f"rebuild it with `tfds build {builder.name} --file_format=array_record`") from error
+
+
+def _keep_tensorflow_off_accelerators():
+    """TFDS preparation imports TensorFlow; it must not reserve the GPU memory JAX needs."""
+    try:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return  # TFDS reports the missing package itself
+    tf.config.set_visible_devices([], "GPU")
+
+
+def _read_all(source, image_size, **augmentation):
+    """Decodes a whole split once into uint8 arrays (CIFAR: 150 MB for 50k images)."""
+    logging.info("Decoding %d examples of %s", len(source), source)
+    examples = [source[i] for i in range(len(source))]
+    images = np.stack([example["image"] for example in examples])
+    labels = np.array([example["label"] for example in examples], np.int32)
+    return pipeline.ArraySplit(transforms.resize_all(images, image_size), labels, **augmentation)

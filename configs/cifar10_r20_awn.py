@@ -1,0 +1,10 @@
+"""ResNet-20 AdderNet with adaptive weight normalization (ANN-AWN) on CIFAR-10."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.layer_type = "adder-awn"
+    config.workdir = "workdirs/cifar10_r20_awn"
+    return config
