@@ -14,14 +14,16 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 
-from awn_jax import data
-from awn_jax.train import Trainer, make_mesh
-from configs import default
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+from awn_jax import data  # noqa: E402
+from awn_jax.train import Trainer, make_mesh  # noqa: E402
+from configs import default  # noqa: E402
 
 LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")
 
