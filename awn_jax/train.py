@@ -126,8 +126,8 @@ class Trainer:
         totals, count = {"loss_sum": 0.0, "correct": 0}, 0
         num_devices = self.mesh.devices.size
         for local_batch in self.dataset.test_batches(
-                self.config.eval_batch_size, process_index=jax.process_index(),
-                process_count=jax.process_count()):
+                self.config.eval_batch_size, num_examples=self.config.num_test_examples,
+                process_index=jax.process_index(), process_count=jax.process_count()):
             size = len(local_batch["label"]) * jax.process_count()
             # A batch that does not split evenly runs whole on every device: same numbers.
             sharding = self.sharded if size % num_devices == 0 else self.replicated

@@ -19,6 +19,8 @@ def get_config():
     config.image_size = 32              # training/eval crop size
     config.crop_padding = 4             # random crop from the zero-padded image (CIFAR)
     config.random_flip = True
+    config.num_train_examples = 0       # >0: train on a fixed random subset (CPU runs)
+    config.num_test_examples = 0        # >0: the per-epoch test uses this many examples
     config.synthetic_num_train = 512    # sizes of the synthetic source (smoke runs)
     config.synthetic_num_test = 256
     config.synthetic_num_classes = 10

@@ -145,7 +145,7 @@ def test_process_shards_concatenate_to_the_global_batch(count):
         chex.assert_trees_all_equal(batch, _all(shard[step] for shard in test_shards))
 
 
-def test_test_batches_cover_every_example_once_in_order():
+def test_test_batches_cover_every_example_once_in_a_fixed_order():
     dataset = get_dataset(_config())
     batches = list(dataset.test_batches(16))
     assert [len(b["label"]) for b in batches] == [16, 16, 8]
@@ -155,6 +155,19 @@ def test_test_batches_cover_every_example_once_in_order():
     assert len(np.unique(everything["image"].reshape(40, -1), axis=0)) == 40
     first = _all(dataset.test_batches(16, num_examples=20))
     chex.assert_trees_all_equal(first, {k: v[:20] for k, v in everything.items()})
+
+
+def test_train_subset_is_fixed_and_shuffled_per_epoch():
+    full = get_dataset(_config())
+    subset = get_dataset(_config(num_train_examples=32))
+    assert subset.info.num_train == 32 and subset.steps_per_epoch(8) == 4
+    epoch0 = _all(subset.train_batches(0, 8))
+    epoch1 = _all(subset.train_batches(1, 8))
+    assert not np.array_equal(epoch0["label"], epoch1["label"])
+    np.testing.assert_array_equal(np.sort(epoch0["label"]), np.sort(epoch1["label"]))
+    assert full.info.num_train > 32
+    with pytest.raises(ValueError, match="num_train_examples"):
+        get_dataset(_config(num_train_examples=10 ** 6))
 
 
 def test_batch_size_errors():
@@ -267,9 +280,9 @@ def test_image_folder(folder, cache_dir):
     info = dataset.info
     assert (info.num_classes, info.num_train, info.num_test) == (3, 8, 3)
     test = _all(dataset.test_batches(2))
-    np.testing.assert_array_equal(test["label"], [0, 0, 1])  # ant, ant, bee (classes sorted)
-    png = np.asarray(Image.open(folder / "test" / "ant" / "0.png"))
-    np.testing.assert_array_equal(test["image"][0], png / np.float32(255))
+    np.testing.assert_array_equal(np.sort(test["label"]), [0, 0, 1])  # ant, ant, bee (sorted)
+    png = np.asarray(Image.open(folder / "test" / "ant" / "0.png")) / np.float32(255)
+    assert sum(np.array_equal(image, png) for image in test["image"]) == 1
     train = _all(dataset.train_batches(0, 8))["image"]
     red = (train[..., 0].min(axis=(1, 2)) > 0.95) & (train[..., 1:].max(axis=(1, 2, 3)) < 0.05)
     assert red.sum() == 1  # big.jpg, resized from 12x10 to 8x8
@@ -288,7 +301,8 @@ def test_image_folder_cache_is_used_and_invalidated(folder, cache_dir, monkeypat
     Image.new("RGB", (8, 8), (0, 0, 255)).save(changed)
     os.utime(changed, ns=(1, 1))
     test = _all(get_dataset(config).test_batches(4))
-    np.testing.assert_array_equal(test["image"][2, 0, 0], [0, 0, 1])
+    bee = test["image"][test["label"] == 1]
+    np.testing.assert_array_equal(bee[0, 0, 0], [0, 0, 1])
 
 
 def test_image_folder_errors(folder, tmp_path, cache_dir):

@@ -28,4 +28,5 @@ def get_dataset(config):
         raise ValueError(f"unknown dataset {config.dataset!r}; set --config.dataset to one of "
                          f"{', '.join(sorted(_LOADERS))}")
     info, train, test = _LOADERS[config.dataset](config)
-    return Dataset(info, train, test, seed=config.seed)
+    return Dataset(info, train, test, seed=config.seed,
+                   num_train_examples=config.num_train_examples)

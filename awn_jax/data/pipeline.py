@@ -16,6 +16,11 @@ from awn_jax.data import transforms
 
 # Distinct streams of randomness derived from (seed, epoch).
 _ORDER, _CROPS, _EXAMPLE = 0, 1, 2
+# The test order and the train subset are the same for every run, whatever its seed, so
+# runs are compared on the same images. The test order is shuffled once because image
+# folders list examples class by class, and batch statistics (BN modes "running-mean" and
+# "running") must not see single-class batches.
+_FIXED_SEED, _SUBSET, _TEST_ORDER = 2021, 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +118,22 @@ class StreamSplit:
 
 
 class Dataset:
-    """Train and test batches of one dataset, as float32 images in [0, 1] and int32 labels."""
+    """Train and test batches of one dataset, as float32 images in [0, 1] and int32 labels.
 
-    def __init__(self, info, train, test, *, seed):
+    ``num_train_examples`` > 0 trains on a fixed random subset of that size (short CPU runs).
+    """
+
+    def __init__(self, info, train, test, *, seed, num_train_examples=0):
+        self._train_indices = np.arange(info.num_train)
+        if num_train_examples:
+            if num_train_examples > info.num_train:
+                raise ValueError(f"num_train_examples={num_train_examples} exceeds the "
+                                 f"{info.num_train} training examples of {info.name}")
+            subset = np.random.default_rng([_FIXED_SEED, _SUBSET]).permutation(info.num_train)
+            self._train_indices = np.sort(subset[:num_train_examples])
+            info = dataclasses.replace(info, num_train=num_train_examples)
+        self._test_order = np.random.default_rng([_FIXED_SEED, _TEST_ORDER]).permutation(
+            info.num_test)
         self.info = info
         self._train = train
         self._test = test
@@ -133,6 +151,7 @@ class Dataset:
         """This process's slice of each global train batch of `epoch`, shuffled and augmented."""
         local = _local_batch_size(global_batch_size, process_count)
         order = np.random.default_rng([self._seed, epoch, _ORDER]).permutation(self.info.num_train)
+        order = self._train_indices[order]
         for step in range(self.steps_per_epoch(global_batch_size)):
             start = step * global_batch_size + process_index * local
             positions = np.arange(start, start + local)
@@ -142,18 +161,19 @@ class Dataset:
 
     def test_batches(self, global_batch_size, *, num_examples=None, process_index=0,
                      process_count=1):
-        """The first `num_examples` test examples (all by default) in order, each once.
+        """The first `num_examples` test examples (all by default) of the fixed shuffled
+        test order, each once.
 
         The last global batch may be smaller; it is split over processes as evenly as possible.
         """
         _local_batch_size(global_batch_size, process_count)
         total = self.info.num_test
-        if num_examples is not None:
+        if num_examples:
             total = min(num_examples, total)
         for start in range(0, total, global_batch_size):
             stop = min(start + global_batch_size, total)
-            indices = np.array_split(np.arange(start, stop), process_count)[process_index]
-            yield _batch(*self._test.read(indices))
+            positions = np.array_split(np.arange(start, stop), process_count)[process_index]
+            yield _batch(*self._test.read(self._test_order[positions]))
 
 
 def channel_stats(images):
