@@ -7,6 +7,7 @@ whose saved config disagrees with the current one on anything but bookkeeping ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -52,6 +53,29 @@ def check_or_save_config(config, workdir: str) -> None:
         with open(tmp, "w") as f:
             json.dump(current, f, indent=2, sort_keys=True)
         os.replace(tmp, _config_path(workdir))
+
+
+def _dataset_info_path(workdir):
+    return os.path.join(workdir, "dataset_info.json")
+
+
+def save_dataset_info(info, workdir: str) -> None:
+    """Save what the model was built with (classes, sizes, normalization), so the run can
+    be evaluated later without reading its training split."""
+    if jax.process_index() == 0:
+        tmp = _dataset_info_path(workdir) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(info), f, indent=2)
+        os.replace(tmp, _dataset_info_path(workdir))
+
+
+def load_dataset_info(workdir: str) -> dict | None:
+    """The dataset info a run saved (a dict of DatasetInfo's fields), None for older runs."""
+    path = _dataset_info_path(workdir)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def make_manager(workdir: str, max_to_keep: int = 0) -> ocp.CheckpointManager:

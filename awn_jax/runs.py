@@ -49,7 +49,13 @@ def load_run(workdir: str, epoch: int | None = None, data_dir: str | None = None
     config = ml_collections.ConfigDict(checkpointing.load_config_dict(workdir))
     if data_dir:
         config.data_dir = data_dir
-    dataset = data.get_dataset(config)
+    saved_info = checkpointing.load_dataset_info(workdir)
+    if saved_info is None:  # runs from before dataset_info.json: recompute from the data
+        dataset = data.get_dataset(config)
+    else:
+        info = data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in saved_info.items()})
+        dataset = data.dataset_for_run(config, info)
     graphdef, _, template = create_train_state(config, dataset.info,
                                                dataset.steps_per_epoch(config.batch_size))
     manager = checkpointing.make_manager(workdir)

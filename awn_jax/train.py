@@ -176,6 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainer = Trainer(config, dataset, make_mesh(config.num_devices))  # validates config
     os.makedirs(workdir, exist_ok=True)
     checkpointing.check_or_save_config(config, workdir)
+    checkpointing.save_dataset_info(dataset.info, workdir)
     manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
     state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
     writer = MetricsWriter(workdir, start_epoch)

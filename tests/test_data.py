@@ -1,5 +1,6 @@
 """Input pipeline: every source, determinism, resumption, process sharding, coverage, errors."""
 
+import dataclasses
 import io
 import os
 import pathlib
@@ -14,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.image_classification import cifar
 
-from awn_jax.data import get_dataset, image_folder, transforms
+from awn_jax.data import dataset_for_run, get_dataset, image_folder, transforms
 from configs import default
 
 CIFAR_JPEG_TAR = pathlib.Path(__file__).parents[2] / "shared" / "data" / "cifar10-jpeg.tar"
@@ -311,6 +312,19 @@ def test_image_folder_errors(folder, tmp_path, cache_dir):
     (folder / "test" / "wasp").mkdir()
     with pytest.raises(ValueError, match="wasp"):
         get_dataset(_config(dataset="image_folder", data_dir=str(folder)))
+
+
+def test_dataset_for_run_needs_only_the_test_split(folder, cache_dir):
+    config = _config(dataset="image_folder", data_dir=str(folder), image_size=8)
+    full = get_dataset(config)
+    shutil.rmtree(folder / "train")
+    test_only = dataset_for_run(config, full.info)
+    assert test_only.info == full.info
+    chex.assert_trees_all_equal(list(full.test_batches(2)), list(test_only.test_batches(2)))
+    with pytest.raises(ValueError, match="without its train split"):
+        next(test_only.train_batches(0, 2))
+    with pytest.raises(ValueError, match="'ant'"):  # a test class the run never saw
+        dataset_for_run(config, dataclasses.replace(full.info, class_names=("bee", "cat")))
 
 
 @pytest.mark.slow

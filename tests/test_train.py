@@ -51,6 +51,8 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(uninterrupted):
     assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == ["1", "2"]
     saved = checkpointing.load_config_dict(uninterrupted)
     assert saved["layer_type"] == "adder-awn" and saved["num_epochs"] == 2
+    info = checkpointing.load_dataset_info(uninterrupted)
+    assert (info["num_classes"], info["num_train"], info["image_shape"]) == (10, 96, [8, 8, 3])
     assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
 
 

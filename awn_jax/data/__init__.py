@@ -5,6 +5,7 @@
     dataset.steps_per_epoch(global_batch_size)     # full batches; the remainder is dropped
     dataset.train_batches(epoch, global_batch_size, process_index=0, process_count=1)
     dataset.test_batches(global_batch_size, num_examples=None, process_index=0, process_count=1)
+    dataset_for_run(config, info)                  # for a saved run: test split suffices
 
 Batches are dicts of numpy arrays: image float32 (local_batch, H, W, C) in [0, 1] (the model
 normalizes with info.mean/std) and label int32 (local_batch,).
@@ -19,7 +20,7 @@ _LOADERS = {
     "synthetic": synthetic.load,
 }
 
-__all__ = ["Dataset", "DatasetInfo", "get_dataset"]
+__all__ = ["Dataset", "DatasetInfo", "dataset_for_run", "get_dataset"]
 
 
 def get_dataset(config):
@@ -30,3 +31,13 @@ def get_dataset(config):
     info, train, test = _LOADERS[config.dataset](config)
     return Dataset(info, train, test, seed=config.seed,
                    num_train_examples=config.num_train_examples)
+
+
+
+def dataset_for_run(config, info):
+    """The dataset of a saved run whose DatasetInfo was ``info``: the full dataset when its
+    train split is at hand (studies that re-estimate BN statistics need it), else, for image
+    folders, the test split alone, so a run can be evaluated where only test images are."""
+    if config.dataset == "image_folder" and not image_folder.has_train_split(config):
+        return Dataset(info, None, image_folder.load_test(config, info), seed=config.seed)
+    return get_dataset(config)

@@ -4,7 +4,8 @@ Classes are the sub-folders of `train`, sorted alphabetically (label = position)
 are decoded with PIL, resized to image_size x image_size when they differ, and cached as
 uint8 arrays in an .npz keyed by the folder, the size and every file's name, size and
 mtime, because decoding 60k JPEGs takes far longer than loading one array file.
-Normalization statistics are computed from the train split.
+Normalization statistics are computed from the train split; ``load_test`` reads only the
+test split, for evaluating a run whose statistics were saved with it.
 """
 
 import hashlib
@@ -33,14 +34,30 @@ def load(config):
     info = pipeline.DatasetInfo(
         name=f"image_folder:{root}", num_classes=len(classes),
         image_shape=(config.image_size, config.image_size, 3),
-        num_train=len(train_labels), num_test=len(test_labels), mean=mean, std=std)
+        num_train=len(train_labels), num_test=len(test_labels), mean=mean, std=std,
+        class_names=tuple(classes))
     train = pipeline.ArraySplit(train_images, train_labels, crop_padding=config.crop_padding,
                                 random_flip=config.random_flip)
     return info, train, pipeline.ArraySplit(test_images, test_labels)
 
 
-def _check_layout(root):
-    for split in SPLITS:
+def has_train_split(config):
+    return (pathlib.Path(config.data_dir).expanduser() / "train").is_dir()
+
+
+def load_test(config, info):
+    """The test split alone, labelled by the classes of a run trained with dataset ``info``."""
+    root = pathlib.Path(config.data_dir).expanduser()
+    _check_layout(root, splits=("test",))
+    if not info.class_names:
+        raise ValueError("image_folder: the run saved no class names; the train split at "
+                         f"{root / 'train'} is needed to label the test images")
+    images, labels = _cached_split(root / "test", list(info.class_names), config.image_size)
+    return pipeline.ArraySplit(images, labels)
+
+
+def _check_layout(root, splits=SPLITS):
+    for split in splits:
         if not (root / split).is_dir():
             raise FileNotFoundError(
                 f"image_folder: no directory {root / split}; expected "

@@ -37,6 +37,7 @@ class DatasetInfo:
     num_test: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()  # label order, where the source names its classes
 
 
 class ArraySplit:
@@ -121,6 +122,7 @@ class Dataset:
     """Train and test batches of one dataset, as float32 images in [0, 1] and int32 labels.
 
     ``num_train_examples`` > 0 trains on a fixed random subset of that size (short CPU runs).
+    ``train`` is None for a test-only dataset (evaluation of a saved run).
     """
 
     def __init__(self, info, train, test, *, seed, num_train_examples=0):
@@ -149,6 +151,8 @@ class Dataset:
 
     def train_batches(self, epoch, global_batch_size, *, process_index=0, process_count=1):
         """This process's slice of each global train batch of `epoch`, shuffled and augmented."""
+        if self._train is None:
+            raise ValueError(f"{self.info.name}: this dataset was loaded without its train split")
         local = _local_batch_size(global_batch_size, process_count)
         order = np.random.default_rng([self._seed, epoch, _ORDER]).permutation(self.info.num_train)
         order = self._train_indices[order]
