@@ -1,7 +1,8 @@
 """Pure functions: the adder convolution and the WS/AWN kernel transforms."""
 
-from awn_jax.ops.adder import adaptive_gradient_scale, adder_conv2d, output_size
+from awn_jax.ops.adder import (IMPLEMENTATIONS, adaptive_gradient_scale, adder_conv2d,
+                               output_size, resolve_implementation)
 from awn_jax.ops.weight_norm import adaptive_normalize, standardize
 
-__all__ = ["adaptive_gradient_scale", "adaptive_normalize", "adder_conv2d", "output_size",
-           "standardize"]
+__all__ = ["IMPLEMENTATIONS", "adaptive_gradient_scale", "adaptive_normalize", "adder_conv2d",
+           "output_size", "resolve_implementation", "standardize"]

@@ -17,6 +17,12 @@ input, reduced over ``cin`` against that tap's ``(cin, cout)`` weights in one XL
 ``pixels x cin x cout`` tensor is cache-sized, so the ``cout x k*k*cin x N*H*W``
 broadcast of the naive unfold formulation never exists in memory; the weight gradient is
 one matrix product per tap.
+
+Implementations (``adder_conv2d(..., implementation=...)``), all with the same semantics and
+tests: ``"xla"`` (this module), ``"pallas"`` (:mod:`awn_jax.ops.adder_pallas`, GPU kernels,
+interpreted on CPU), ``"native"`` (:mod:`awn_jax.ops.adder_native`, a compiled CPU kernel,
+when built). ``"auto"`` picks pallas on a GPU backend, native on CPU where it is available,
+else xla (see :func:`resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -197,7 +203,37 @@ def _adder_conv2d_bwd(stride, padding, eta, residuals, g):
 _adder_conv2d.defvjp(_adder_conv2d_fwd, _adder_conv2d_bwd)
 
 
-def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2):
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "native")
+
+
+def _native_module():
+    """:mod:`awn_jax.ops.adder_native` if it imports and its kernel is available, else
+    None (it is optional: a compiled extension that may not be built)."""
+    try:
+        from awn_jax.ops import adder_native
+    except ImportError:
+        return None
+    return adder_native if adder_native.is_available() else None
+
+
+def resolve_implementation(implementation: str = "auto") -> str:
+    """The implementation ``adder_conv2d`` runs: ``"auto"`` is pallas when JAX's default
+    backend is a GPU, native on CPU where it is available, xla otherwise."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"adder_conv2d: implementation must be one of {IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas"
+    if backend == "cpu" and _native_module() is not None:
+        return "native"
+    return "xla"
+
+
+def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2, *,
+                 implementation: str = "auto"):
     """Adder convolution ``-sum |x_patch - w|`` with AdderNet's gradients.
 
     Args:
@@ -206,8 +242,21 @@ def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None
       stride: spatial stride (same for both axes).
       padding: symmetric zero padding; padded taps contribute ``|w|``.
       eta: adaptive gradient scaling factor of the weight gradient, ``None`` for none.
+      implementation: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"native"`` (module
+        docstring); pallas off a GPU runs in Pallas interpret mode (slow, for tests).
     Returns:
       NHWC output of dtype ``result_type(x, kernel)``.
     """
     _check_args(x, kernel, stride, padding)
-    return _adder_conv2d(x, kernel, stride, padding, None if eta is None else float(eta))
+    eta = None if eta is None else float(eta)
+    chosen = resolve_implementation(implementation)
+    if chosen == "pallas":
+        from awn_jax.ops import adder_pallas
+        return adder_pallas.adder_conv2d(x, kernel, stride, padding, eta)
+    if chosen == "native":
+        native = _native_module()
+        if native is None:
+            raise RuntimeError("adder_conv2d: implementation='native' but "
+                               "awn_jax.ops.adder_native is not importable or not available")
+        return native.adder_conv2d(x, kernel, stride, padding, eta)
+    return _adder_conv2d(x, kernel, stride, padding, eta)

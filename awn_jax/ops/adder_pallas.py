@@ -1,0 +1,280 @@
+"""Adder convolution as Pallas kernels: the GPU path (Triton lowering), also run on CPU in
+interpret mode so it is tested there.
+
+Same op and semantics as :func:`awn_jax.ops.adder.adder_conv2d`: ``Y = -sum |P - W|``,
+AdderNet's HardTanh input gradient, the full-precision weight gradient and its adaptive
+scaling. Two kernels, both direct (no patch matrix in memory):
+
+* forward: a program owns a tile of output pixels x output channels. For each kernel tap
+  it gathers the input rows that tap reads (out-of-image taps read an appended zero row, so
+  padding costs nothing) and walks ``cin`` in chunks, adding ``|x - w|`` into a
+  ``(pixels, cin chunk, cout)`` register accumulator that is reduced over its middle axis
+  once, at the end: the loop body is a subtract, an absolute value and an add per element,
+  no cross-lane reduction.
+* input gradient: a program owns a tile of input pixels x input channels. An input pixel
+  is the patch value ``P`` of every (tap, output pixel) pair that reads it, so
+  ``dx = sum_taps sum_cout g * clip(W - x, -1, 1)`` over the output pixels that read it:
+  the fold back onto x becomes a gather of ``g`` rows (a zero row where the tap reads no
+  output pixel), not a scatter, and needs no atomics. Same accumulator scheme, over cout.
+
+The weight gradient, linear in the patches, stays a matrix product in XLA
+(``adder._weight_grad``), which the tensor cores do best.
+
+Tile sizes are :class:`Tiles`, powers of two as Triton requires; arrays are padded in XLA
+so that tiles divide them (pixel rows to a multiple of the pixel tile, channels to powers
+of two with zeros, which add ``|0 - 0| = 0``).
+
+``interpret``: ``None`` (default) runs interpreted unless JAX's default backend is a GPU;
+the environment variable ``AWN_PALLAS_INTERPRET=1`` (or ``0``) overrides that default.
+Interpret mode is slow; it exists to test the kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from awn_jax.ops.adder import (_accumulation_dtype, _check_args, _weight_grad,
+                               adaptive_gradient_scale, output_size)
+
+
+class Tiles(NamedTuple):
+    """Tile sizes (powers of two). ``pixels`` x ``channels`` is a program's output tile
+    (output pixels x cout in the forward, input pixels x cin in the input gradient); the
+    reduced channel dimension is walked in chunks sized so that the register accumulator
+    (pixels x chunk x channels) holds ``accumulator`` values, over ``warps`` * 32 threads
+    (64 values per thread at the defaults)."""
+    pixels: int = 64
+    channels: int = 32
+    accumulator: int = 8192
+    warps: int = 4
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``interpret=None``: $AWN_PALLAS_INTERPRET if set, else interpret off a GPU."""
+    if interpret is not None:
+        return bool(interpret)
+    env = os.environ.get("AWN_PALLAS_INTERPRET")
+    if env is not None and env.strip() != "":
+        return env.strip().lower() not in ("0", "false", "no")
+    return jax.default_backend() != "gpu"
+
+
+def _geometry(x_shape, k_shape, stride, padding):
+    """Static shape facts the kernels need."""
+    n, h, w, cin = x_shape
+    kh, kw, _, cout = k_shape
+    ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    return dict(n=n, h=h, w=w, cin=cin, kh=kh, kw=kw, cout=cout, ho=ho, wo=wo,
+                stride=stride, padding=padding)
+
+
+def _rows_with_zero_row(a2d, channels):
+    """``(rows, c)`` -> ``(rows + 1, channels)``: an appended zero row for gathers that
+    fall outside the image, and zero channels up to the padded channel count."""
+    return jnp.pad(a2d, ((0, 1), (0, channels - a2d.shape[1])))
+
+
+def _iota(size):
+    return lax.broadcasted_iota(jnp.int32, (size,), 0)
+
+
+def _div(a, b: int):
+    """Integer division of non-negative int32 indices (lax.div: no floor fix-ups, and an
+    int32 divisor even under x64)."""
+    return lax.div(a, jnp.int32(b))
+
+
+def _rem(a, b: int):
+    return lax.rem(a, jnp.int32(b))
+
+
+def _loop(count: int, body, init):
+    """``fori_loop`` over an int32 index (under x64 a Python-int bound would give int64)."""
+    return lax.fori_loop(jnp.int32(0), jnp.int32(count), body, init)
+
+
+def _forward_kernel(x_ref, w_ref, o_ref, *, geo, block_cin, acc_dtype):
+    """One (pixels x cout) tile of ``sum |P - W|`` (positive; the caller negates)."""
+    bm, bn = o_ref.shape
+    h, w, ho, wo = geo["h"], geo["w"], geo["ho"], geo["wo"]
+    s, p, kw = geo["stride"], geo["padding"], geo["kw"]
+    zero_row = geo["n"] * h * w
+    last = geo["n"] * ho * wo - 1
+    m = jnp.minimum(pl.program_id(0) * bm + _iota(bm), last)   # tail tiles repeat the last
+    image, rest = _div(m, ho * wo), _rem(m, ho * wo)
+    top = _div(rest, wo) * s - p
+    left = _rem(rest, wo) * s - p
+    chunks = w_ref.shape[1] // block_cin
+
+    def add_tap(tap, acc):
+        hi, wi = top + _div(tap, kw), left + _rem(tap, kw)
+        inside = (hi >= 0) & (hi < h) & (wi >= 0) & (wi < w)
+        rows = jnp.where(inside, (image * h + hi) * w + wi, zero_row)
+
+        def add_chunk(c, acc):
+            cols = pl.ds(pl.multiple_of(c * block_cin, block_cin), block_cin)
+            xs = x_ref[rows, cols].astype(acc_dtype)                  # (bm, block_cin)
+            ws = w_ref[tap, cols, :].astype(acc_dtype)                # (block_cin, bn)
+            return acc + jnp.abs(xs[:, :, None] - ws[None, :, :])
+
+        return _loop(chunks, add_chunk, acc)
+
+    acc = _loop(geo["kh"] * kw, add_tap, jnp.zeros((bm, block_cin, bn), acc_dtype))
+    o_ref[...] = jnp.sum(acc, axis=1).astype(o_ref.dtype)
+
+
+def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, block_cout, acc_dtype):
+    """One (input pixels x cin) tile of ``sum_taps sum_cout g * clip(W - x, -1, 1)``."""
+    bm, bc = o_ref.shape
+    h, w, ho, wo = geo["h"], geo["w"], geo["ho"], geo["wo"]
+    s, p, kw = geo["stride"], geo["padding"], geo["kw"]
+    zero_row = geo["n"] * ho * wo
+    pixel = jnp.minimum(pl.program_id(0) * bm + _iota(bm), geo["n"] * h * w - 1)
+    image, rest = _div(pixel, h * w), _rem(pixel, h * w)
+    down = _div(rest, w) + p      # this pixel's row and column in the padded input
+    right = _rem(rest, w) + p
+    cols_in = pl.ds(pl.multiple_of(pl.program_id(1) * bc, bc), bc)
+    xs = x_ref[pixel, cols_in].astype(acc_dtype)                           # (bm, bc)
+    chunks = g_ref.shape[1] // block_cout
+
+    def add_tap(tap, acc):
+        # The output pixel (oh, ow) reading this input pixel through this tap has
+        # oh * s + tap_row == down; clamp before dividing so the operands are non-negative.
+        th, tw = down - _div(tap, kw), right - _rem(tap, kw)
+        thc, twc = jnp.maximum(th, 0), jnp.maximum(tw, 0)
+        oh, ow = _div(thc, s), _div(twc, s)
+        reads = ((th >= 0) & (tw >= 0) & (_rem(thc, s) == 0) & (_rem(twc, s) == 0)
+                 & (oh < ho) & (ow < wo))
+        rows = jnp.where(reads, (image * ho + oh) * wo + ow, zero_row)
+
+        def add_chunk(c, acc):
+            cols = pl.ds(pl.multiple_of(c * block_cout, block_cout), block_cout)
+            gs = g_ref[rows, cols].astype(acc_dtype)                   # (bm, block_cout)
+            ws = w_ref[tap, :, cols].astype(acc_dtype)                 # (bc, block_cout)
+            clipped = jnp.minimum(jnp.maximum(ws[None, :, :] - xs[:, :, None], -1.0), 1.0)
+            return acc + clipped * gs[:, None, :]
+
+        return _loop(chunks, add_chunk, acc)
+
+    acc = _loop(geo["kh"] * kw, add_tap, jnp.zeros((bm, bc, block_cout), acc_dtype))
+    o_ref[...] = jnp.sum(acc, axis=2).astype(o_ref.dtype)
+
+
+def _compiler_params(tiles):
+    """Triton, explicitly: the default GPU lowering may be Mosaic GPU in newer JAX."""
+    return plt.CompilerParams(num_warps=tiles.warps)
+
+
+def _blocks(owned: int, reduced: int, tiles: Tiles):
+    """(owned padded, block of owned channels, reduced padded, chunk of reduced channels)."""
+    owned_p, reduced_p = _pow2_at_least(owned), _pow2_at_least(reduced)
+    block = min(tiles.channels, owned_p)
+    chunk = max(1, min(reduced_p, tiles.accumulator // (tiles.pixels * block)))
+    return owned_p, block, reduced_p, chunk
+
+
+def _padded_taps(kernel, cin_p, cout_p):
+    """HWIO kernel -> (kh*kw, cin_p, cout_p), zero-padded channels."""
+    kh, kw, cin, cout = kernel.shape
+    return jnp.pad(kernel.reshape(kh * kw, cin, cout),
+                   ((0, 0), (0, cin_p - cin), (0, cout_p - cout)))
+
+
+def _forward(x, kernel, geo, tiles, interpret):
+    acc = _accumulation_dtype(jnp.result_type(x, kernel))
+    cout_p, block_cout, cin_p, block_cin = _blocks(geo["cout"], geo["cin"], tiles)
+    pixels = geo["n"] * geo["ho"] * geo["wo"]
+    pixels_p = _round_up(pixels, tiles.pixels)
+    x_rows = _rows_with_zero_row(x.reshape(-1, geo["cin"]), cin_p)
+    w = _padded_taps(kernel, cin_p, cout_p)
+    out = pl.pallas_call(
+        functools.partial(_forward_kernel, geo=geo, block_cin=block_cin, acc_dtype=acc),
+        out_shape=jax.ShapeDtypeStruct((pixels_p, cout_p), acc),
+        grid=(pixels_p // tiles.pixels, cout_p // block_cout),
+        in_specs=[pl.BlockSpec(x_rows.shape, lambda i, j: (0, 0)),
+                  pl.BlockSpec((w.shape[0], cin_p, block_cout), lambda i, j: (0, 0, j))],
+        out_specs=pl.BlockSpec((tiles.pixels, block_cout), lambda i, j: (i, j)),
+        compiler_params=_compiler_params(tiles),
+        interpret=interpret,
+        name="adder_forward",
+    )(x_rows, w)
+    out = out[:pixels, :geo["cout"]].reshape(geo["n"], geo["ho"], geo["wo"], geo["cout"])
+    return (-out).astype(jnp.result_type(x, kernel))
+
+
+def _input_grad(x, kernel, g, geo, tiles, interpret):
+    acc = _accumulation_dtype(jnp.result_type(x, kernel))
+    cin_p, block_cin, cout_p, block_cout = _blocks(geo["cin"], geo["cout"], tiles)
+    pixels = geo["n"] * geo["h"] * geo["w"]
+    pixels_p = _round_up(pixels, tiles.pixels)
+    x_rows = _rows_with_zero_row(x.reshape(-1, geo["cin"]), cin_p)
+    g_rows = _rows_with_zero_row(g.reshape(-1, geo["cout"]), cout_p)
+    w = _padded_taps(kernel, cin_p, cout_p)
+    dx = pl.pallas_call(
+        functools.partial(_input_grad_kernel, geo=geo, block_cout=block_cout, acc_dtype=acc),
+        out_shape=jax.ShapeDtypeStruct((pixels_p, cin_p), acc),
+        grid=(pixels_p // tiles.pixels, cin_p // block_cin),
+        in_specs=[pl.BlockSpec(x_rows.shape, lambda i, j: (0, 0)),
+                  pl.BlockSpec((w.shape[0], block_cin, cout_p), lambda i, j: (0, j, 0)),
+                  pl.BlockSpec(g_rows.shape, lambda i, j: (0, 0))],
+        out_specs=pl.BlockSpec((tiles.pixels, block_cin), lambda i, j: (i, j)),
+        compiler_params=_compiler_params(tiles),
+        interpret=interpret,
+        name="adder_input_grad",
+    )(x_rows, w, g_rows)
+    return dx[:pixels, :geo["cin"]].reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _adder_conv2d(x, kernel, stride, padding, eta, tiles, interpret):
+    geo = _geometry(x.shape, kernel.shape, stride, padding)
+    return _forward(x, kernel, geo, tiles, interpret)
+
+
+def _adder_conv2d_fwd(x, kernel, stride, padding, eta, tiles, interpret):
+    return _adder_conv2d(x, kernel, stride, padding, eta, tiles, interpret), (x, kernel)
+
+
+def _adder_conv2d_bwd(stride, padding, eta, tiles, interpret, residuals, g):
+    x, kernel = residuals
+    geo = _geometry(x.shape, kernel.shape, stride, padding)
+    dx = _input_grad(x, kernel, g, geo, tiles, interpret)
+    dw = _weight_grad(x, kernel, g, stride, padding)
+    if eta is not None:
+        dw = adaptive_gradient_scale(dw, eta)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_adder_conv2d.defvjp(_adder_conv2d_fwd, _adder_conv2d_bwd)
+
+
+def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2, *,
+                 tiles: Tiles = Tiles(), interpret: bool | None = None):
+    """Adder convolution with AdderNet's gradients, as Pallas kernels.
+
+    Arguments and result as :func:`awn_jax.ops.adder.adder_conv2d`; ``tiles``: tile sizes
+    (:class:`Tiles`, powers of two); ``interpret`` as in the module docstring (``None``:
+    interpreted unless the default backend is a GPU, or as ``$AWN_PALLAS_INTERPRET`` says).
+    """
+    _check_args(x, kernel, stride, padding)
+    for name, value in tiles._asdict().items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"adder_pallas: tiles.{name} must be a power of two, got {value}")
+    return _adder_conv2d(x, kernel, stride, padding, None if eta is None else float(eta),
+                         tiles, resolve_interpret(interpret))

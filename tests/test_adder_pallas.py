@@ -1,0 +1,204 @@
+"""The Pallas adder kernels (in interpret mode on CPU) against the plain float64 reference:
+values and the official AdderNet backward rules over shapes, strides, paddings, kernel
+sizes, channel counts that need padding and grids of several tiles; and the rule by which
+``adder_conv2d(implementation="auto")`` picks an implementation."""
+
+import functools
+import sys
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from awn_jax.ops import adder, adder_pallas, reference
+
+adder_conv2d_reference = jax.jit(reference.adder_conv2d_reference, static_argnums=(2, 3))
+adder_conv2d_reference_grads = jax.jit(reference.adder_conv2d_reference_grads,
+                                       static_argnums=(3, 4, 5))
+
+# (batch, height, width, cin, cout, kernel_size, stride, padding). The default tiles are 64
+# pixels x 32 channels; SMALL tiles make small shapes span several tiles and chunks.
+GRID = [
+    (2, 8, 8, 3, 4, 3, 1, 1),
+    (3, 7, 9, 5, 6, 3, 2, 1),
+    (2, 9, 7, 2, 3, 3, 2, 0),
+    (2, 8, 8, 6, 5, 1, 2, 0),
+    (1, 5, 6, 3, 3, 1, 1, 1),
+    (1, 6, 6, 40, 36, 3, 1, 1),   # default tiles: 2 cout tiles, 2 cin tiles, 16 chunks
+]
+SMALL = adder_pallas.Tiles(pixels=16, channels=4, accumulator=128, warps=1)
+TILES = [adder_pallas.Tiles(), SMALL, adder_pallas.Tiles(), SMALL, SMALL,
+         adder_pallas.Tiles()]
+
+
+def _inputs(case, dtype, seed=0):
+    n, h, w, cin, cout, k, stride, padding = case
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n, h, w, cin), dtype)
+    kernel = jax.random.normal(kw, (k, k, cin, cout), dtype)
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (w + 2 * padding - k) // stride + 1
+    g = jax.random.normal(kg, (n, ho, wo, cout), dtype)
+    return x, kernel, g, stride, padding
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _pallas_value_and_grads(x, kernel, g, stride, padding, eta, tiles=adder_pallas.Tiles()):
+    y, vjp = jax.vjp(lambda a, b: adder_pallas.adder_conv2d(
+        a, b, stride, padding, eta, tiles=tiles, interpret=True), x, kernel)
+    return (y, *vjp(g))
+
+
+def _assert_close(actual, expected, rtol):
+    """Relative to the largest magnitude of the expected tensor (sums with cancellation)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol,
+                               atol=rtol * max(np.abs(expected).max(), 1e-30))
+
+
+@pytest.mark.parametrize("index", range(len(GRID)))
+def test_float64_matches_reference(index):
+    case, eta = GRID[index], (0.2, None)[index % 2]   # both eta settings, half the compiles
+    with jax.enable_x64():
+        x, kernel, g, stride, padding = _inputs(case, jnp.float64)
+        y, dx, dw = _pallas_value_and_grads(x, kernel, g, stride, padding, eta, TILES[index])
+        chex.assert_type([y, dx, dw], jnp.float64)
+        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-12)
+        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
+        _assert_close(dx, rdx, 1e-12)
+        _assert_close(dw, rdw, 1e-12)
+
+
+@pytest.mark.parametrize("index, eta", [(0, None), (1, 0.2)])
+def test_float32_within_1e5_of_float64_reference(index, eta):
+    x32, k32, g32, stride, padding = _inputs(GRID[index], jnp.float32, seed=1)
+    y, dx, dw = _pallas_value_and_grads(x32, k32, g32, stride, padding, eta, TILES[index])
+    chex.assert_type([y, dx, dw], jnp.float32)
+    with jax.enable_x64():
+        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x32, k32, g32))
+        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-5)
+        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
+        _assert_close(dx, rdx, 1e-5)
+        _assert_close(dw, rdw, 1e-5)
+    if eta is not None:
+        np.testing.assert_allclose(jnp.linalg.norm(dw), eta * np.sqrt(k32.size), rtol=1e-5)
+
+
+def test_backward_is_the_official_rule_not_the_true_derivative():
+    """HardTanh and full precision, not the sign-valued derivative of -|x - w|."""
+    x, kernel, g, stride, padding = _inputs(GRID[0], jnp.float32, seed=1)
+    x = 3.0 * x   # both |w - p| > 1 (HardTanh = sign) and < 1 (they differ) occur
+    _, dx, dw = _pallas_value_and_grads(x, kernel, g, stride, padding, None)
+    true_dx, true_dw = jax.vjp(
+        lambda a, b: adder_conv2d_reference(a, b, stride, padding), x, kernel)[1](g)
+    assert float(jnp.max(jnp.abs(dw - true_dw))) > 1e-2
+    assert float(jnp.max(jnp.abs(dx - true_dx))) > 1e-2
+
+
+def test_bad_tiles_give_a_clear_error():
+    x, kernel, _, _, _ = _inputs(GRID[0], jnp.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        adder_pallas.adder_conv2d(x, kernel, tiles=adder_pallas.Tiles(pixels=48))
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
+    xb, kb, gb = (a.astype(jnp.bfloat16) for a in (x, kernel, g))
+    y, dx, dw = _pallas_value_and_grads(xb, kb, gb, stride, padding, 0.2)
+    chex.assert_type([y, dx, dw], jnp.bfloat16)
+    y32 = adder_conv2d_reference(xb.astype(jnp.float32), kb.astype(jnp.float32), stride,
+                                 padding)
+    _assert_close(y, y32, 1e-2)
+
+
+def test_vmap_over_kernels_of_the_gradient():
+    x, kernel, g, stride, padding = _inputs(GRID[0], jnp.float32)
+    grad_fn = jax.jit(jax.grad(lambda k, x: jnp.sum(
+        adder_pallas.adder_conv2d(x, k, stride, padding, interpret=True) * g)))
+    stacked = jax.vmap(grad_fn, in_axes=(0, None))(jnp.stack([kernel, 2.0 * kernel]), x)
+    chex.assert_trees_all_close(stacked[0], grad_fn(kernel, x), rtol=1e-5)
+    chex.assert_trees_all_close(stacked[1], grad_fn(2.0 * kernel, x), rtol=1e-5)
+
+
+# --- dispatch -------------------------------------------------------------------------------
+
+def _fake_native(available, calls):
+    module = types.ModuleType("awn_jax.ops.adder_native")
+    module.is_available = lambda: available
+
+    def adder_conv2d(x, kernel, stride=1, padding=1, eta=0.2):
+        calls.append((stride, padding, eta))
+        return jnp.zeros((1,))
+
+    module.adder_conv2d = adder_conv2d
+    return module
+
+
+@pytest.mark.parametrize("backend, native, expected", [
+    ("gpu", "available", "pallas"),
+    ("gpu", "absent", "pallas"),
+    ("cpu", "available", "native"),
+    ("cpu", "unavailable", "xla"),
+    ("cpu", "absent", "xla"),
+    ("tpu", "available", "xla"),
+])
+def test_auto_picks_pallas_on_gpu_native_on_cpu_else_xla(monkeypatch, backend, native,
+                                                         expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    # None in sys.modules makes `import` raise ImportError, as when the module is missing.
+    monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native",
+                        None if native == "absent" else _fake_native(native == "available", []))
+    assert adder.resolve_implementation("auto") == expected
+    for name in ("xla", "pallas", "native"):
+        assert adder.resolve_implementation(name) == name
+    with pytest.raises(ValueError, match="implementation"):
+        adder.resolve_implementation("cuda")
+
+
+def test_dispatch_calls_the_chosen_implementation(monkeypatch):
+    x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
+    calls = []
+    monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native", _fake_native(True, calls))
+    adder.adder_conv2d(x, kernel, stride, padding, 0.5, implementation="native")
+    assert calls == [(stride, padding, 0.5)]
+    monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native", None)
+    with pytest.raises(RuntimeError, match="native"):
+        adder.adder_conv2d(x, kernel, stride, padding, implementation="native")
+
+    # On a "GPU" backend, auto runs the Pallas kernels; AWN_PALLAS_INTERPRET=1 lets them run
+    # here, on CPU, in interpret mode.
+    expected = adder.adder_conv2d(x, kernel, stride, padding, implementation="xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("AWN_PALLAS_INTERPRET", "1")
+    y = jax.jit(lambda a, b: adder.adder_conv2d(a, b, stride, padding))(x, kernel)
+    assert "pallas_call" in str(jax.make_jaxpr(
+        lambda a, b: adder.adder_conv2d(a, b, stride, padding))(x, kernel))
+    chex.assert_trees_all_close(y, expected, rtol=1e-5)
+
+
+def test_interpret_default_follows_backend_and_environment(monkeypatch):
+    monkeypatch.delenv("AWN_PALLAS_INTERPRET", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert adder_pallas.resolve_interpret(None) is True
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert adder_pallas.resolve_interpret(None) is False
+    monkeypatch.setenv("AWN_PALLAS_INTERPRET", "1")
+    assert adder_pallas.resolve_interpret(None) is True
+    monkeypatch.setenv("AWN_PALLAS_INTERPRET", "0")
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert adder_pallas.resolve_interpret(None) is False
+    assert adder_pallas.resolve_interpret(True) is True
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    """Without a GPU, the Triton lowering (the Pallas side of it) still runs: a
+    cross-platform lowering of forward and backward at a ResNet-20 layer shape."""
+    x = jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 32, 64), jnp.float32)
+    fn = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(
+        adder_pallas.adder_conv2d(a, b, 2, 1, interpret=False)), argnums=(0, 1)))
+    text = fn.trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2   # forward and input gradient
