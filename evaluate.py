@@ -2,52 +2,123 @@
 
     python evaluate.py --attack pgd --bn-mode running-mean --workdir workdirs/cifar10_r20_awn
     python evaluate.py --attack all --bn-mode all --workdir A --workdir B --num-examples 1000
+    python evaluate.py --study eps-sweep --bn-mode running-mean --workdir A --workdir B
+    python evaluate.py --study batch --bn-mode all --workdir A
 
-Prints a Table-1-style table (rows: run x BN mode; columns: clean and each attack, #Mul,
-#Add) and writes it as robustness.json and robustness.md into --output-dir (default: the
-first workdir). Without --workdir, the --config file's workdir is used.
+--study picks what is measured (all of it written into --output-dir, default: the first
+workdir):
+  table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1):
+               robustness.json/.md
+  eps-sweep    PGD-7 accuracy vs eps, step eps/7 (Fig. 2a): eps_sweep.json/.md/.png
+  steps-sweep  PGD accuracy vs steps at eps 8/255, step 2/255 (Fig. 2b): steps_sweep.*
+  batch        batch dependence: accuracy vs evaluation batch size, random partitions into
+               batches, attackers controlling part of each batch, transfer from tracked:
+               batch.json/.md, batch_size.png
+Without --workdir, the --config file's workdir is used.
 """
 
 from absl import flags
 from ml_collections import config_flags
 
-from awn_jax import cli, robustness
+from awn_jax import attacks, cli, robustness
+from awn_jax import robustness_studies as studies
 from awn_jax.runs import load_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config whose workdir to evaluate when --workdir is not given.",
     lock_config=True)
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Training workdir(s); one row block each.")
-_ATTACK = flags.DEFINE_string("attack", "all", "Attack name or 'all' (the paper's five).")
+_STUDY = flags.DEFINE_string("study", "table", "table | eps-sweep | steps-sweep | batch.")
+_ATTACK = flags.DEFINE_string(
+    "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
+    "The sweeps are PGD; the batch study uses this one attack (default pgd).")
 _BN_MODE = flags.DEFINE_string("bn-mode", "all", "tracked | running-mean | running | all.")
 _EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).")
 _STEPS = flags.DEFINE_integer("steps", None, "Iterations (default: per attack, as the paper).")
 _STEP_SIZE = flags.DEFINE_float("step-size", None, "Step size (default 2/255).")
-_BATCH_SIZE = flags.DEFINE_integer("batch-size", 500, "Evaluation batch (BN statistics!).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch-size", None, "Evaluation batch (BN statistics!); default 500, and 128 for the "
+    "partitions and threat models of the batch study.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
 _EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the latest).")
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
 _OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write the report.")
+_EPS_VALUES = flags.DEFINE_list("eps-values", [f"{e:g}" for e in studies.SWEEP_EPS],
+                                "eps-sweep: the eps values.")
+_STEPS_VALUES = flags.DEFINE_list("steps-values", [str(s) for s in studies.SWEEP_STEPS],
+                                  "steps-sweep: the step counts.")
+_BATCH_SIZES = flags.DEFINE_list("batch-sizes", [str(b) for b in studies.BATCH_SIZES],
+                                 "batch study: the evaluation batch sizes.")
+_PARTITIONS = flags.DEFINE_integer("partitions", 5, "batch study: random partitions.")
+_ATTACKED = flags.DEFINE_list("attacked-per-batch", None,
+                              "batch study: images the attacker controls per batch "
+                              "(default: 1, 10% and all of --batch-size).")
+_PASSES = flags.DEFINE_integer("threat-passes", 8, "batch study: rotations of the attacked "
+                               "slots per batch (more attacked examples, more time).")
+_CHUNK = flags.DEFINE_integer("chunk-size", 512, "Studies: examples per compiled call.")
 
 PAPER_ATTACKS = ("fgsm", "bim", "pgd", "mim", "rfgsm")
+STUDIES = ("table", "eps-sweep", "steps-sweep", "batch")
+
+
+def _numbers(flag, kind):
+    try:
+        return tuple(kind(v) for v in flag.value)
+    except ValueError:
+        raise ValueError(f"--{flag.name} must be a comma-separated list of "
+                         f"{kind.__name__}s, got {','.join(flag.value)}") from None
 
 
 def main(argv):
     del argv
+    if _STUDY.value not in STUDIES:
+        raise ValueError(f"unknown study {_STUDY.value!r}; expected one of {', '.join(STUDIES)}")
+    attack = _ATTACK.value or ("all" if _STUDY.value == "table" else "pgd")
+    if attack != "all":
+        attacks.check_attack_name(attack)
+    if _STUDY.value in ("eps-sweep", "steps-sweep") and attack != "pgd":
+        raise ValueError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
+    bn_modes = studies.check_bn_modes(
+        robustness.EVAL_BN_MODES if _BN_MODE.value == "all" else (_BN_MODE.value,))
     workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
     if not workdirs:
         raise ValueError("pass --workdir (or --config to use its workdir)")
-    attack_names = PAPER_ATTACKS if _ATTACK.value == "all" else (_ATTACK.value,)
-    bn_modes = robustness.EVAL_BN_MODES if _BN_MODE.value == "all" else (_BN_MODE.value,)
-    rows = []
-    for workdir in workdirs:
-        run = load_run(workdir, epoch=_EPOCH.value, data_dir=_DATA_DIR.value)
-        rows += robustness.evaluate_run(
-            run, attack_names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
-            step_size=_STEP_SIZE.value, batch_size=_BATCH_SIZE.value,
-            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value)
-    print(robustness.write_report(rows, attack_names, _OUTPUT_DIR.value or workdirs[0]))
+    output_dir = _OUTPUT_DIR.value or workdirs[0]
+    runs = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
+
+    if _STUDY.value == "table":
+        names = PAPER_ATTACKS if attack == "all" else (attack,)
+        rows = [row for run in runs for row in robustness.evaluate_run(
+            run, names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
+            step_size=_STEP_SIZE.value, batch_size=_BATCH_SIZE.value or 500,
+            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value)]
+        print(robustness.write_report(rows, names, output_dir))
+    elif _STUDY.value == "eps-sweep":
+        eps_values = _numbers(_EPS_VALUES, float)
+        rows = [row for run in runs for row in studies.eps_sweep(
+            studies.Evaluator(run, _CHUNK.value), bn_modes, eps_values,
+            steps=_STEPS.value or 7, batch_size=_BATCH_SIZE.value or 500,
+            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value)]
+        print(studies.write_sweep(rows, "eps", output_dir))
+    elif _STUDY.value == "steps-sweep":
+        steps_values = _numbers(_STEPS_VALUES, int)
+        rows = [row for run in runs for row in studies.steps_sweep(
+            studies.Evaluator(run, _CHUNK.value), bn_modes, steps_values,
+            eps=_EPS.value or attacks.DEFAULT_EPS,
+            step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
+            batch_size=_BATCH_SIZE.value or 500, num_examples=_NUM_EXAMPLES.value,
+            seed=_SEED.value)]
+        print(studies.write_sweep(rows, "steps", output_dir))
+    else:
+        batch_sizes = _numbers(_BATCH_SIZES, int)
+        attacked = _numbers(_ATTACKED, int) if _ATTACKED.value else None
+        results = [studies.batch_study(
+            studies.Evaluator(run, _CHUNK.value), bn_modes, num_examples=_NUM_EXAMPLES.value,
+            batch_sizes=batch_sizes, batch_size=_BATCH_SIZE.value or 128,
+            partitions=_PARTITIONS.value, attacked=attacked, max_passes=_PASSES.value,
+            attack=attack, seed=_SEED.value) for run in runs]
+        print(studies.write_batch_study(results, output_dir))
 
 
 if __name__ == "__main__":

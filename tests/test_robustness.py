@@ -1,0 +1,248 @@
+"""Robustness evaluation: the table from a training workdir, the batch dependence of the BN
+modes, the studies (sweeps, batch size, partitions, threat models) and evaluate.py's errors.
+
+Two models keep it fast: a randomly initialized ResNet-20 CNN saved as a real workdir (the
+load/evaluate/report path, and per-example independence on the real architecture), and a
+tiny network ending like the ResNets in a classifier + BatchNorm, trained in-process on 4x4
+synthetic images, for the studies.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from awn_jax import checkpointing, data, robustness
+from awn_jax import robustness_studies as studies
+from awn_jax.nn import BatchNorm, Conv2d
+from awn_jax.runs import Run, load_run
+from awn_jax.state import apply_model, split_model, with_bn_mode
+from awn_jax.train import create_train_state
+from configs import smoke
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------ ResNet-20 from a workdir
+
+@pytest.fixture(scope="module")
+def resnet_workdir(tmp_path_factory):
+    """A workdir as training leaves it (config, dataset info, a checkpoint of epoch 1),
+    holding a randomly initialized ResNet-20 CNN on 8x8 synthetic images."""
+    workdir = str(tmp_path_factory.mktemp("resnet_workdir"))
+    config = smoke.get_config()
+    config.update(dict(layer_type="conv", image_size=8, crop_padding=1,
+                       synthetic_num_train=64, synthetic_num_test=48, batch_size=32,
+                       num_devices=1))
+    dataset = data.get_dataset(config)
+    _, _, state = create_train_state(config, dataset.info, dataset.steps_per_epoch(32))
+    checkpointing.check_or_save_config(config, workdir)
+    checkpointing.save_dataset_info(dataset.info, workdir)
+    manager = checkpointing.make_manager(workdir)
+    checkpointing.save(manager, 1, state)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def test_evaluate_run_and_report_from_a_workdir(resnet_workdir, tmp_path):
+    run = load_run(resnet_workdir)
+    rows = robustness.evaluate_run(run, ["fgsm"], ["running-mean"], batch_size=32,
+                                   show_progress=False)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["model"], row["bn_mode"], row["epoch"], row["num_examples"]) == (
+        "resnet20-conv", "running-mean", 1, 48)   # one full batch and one of 16
+    assert 0.0 <= row["fgsm"] <= 1.0 and 0.0 <= row["clean"] <= 1.0
+    assert row["mul"] == row["add"] > 0
+    table = robustness.write_report(rows, ["fgsm"], str(tmp_path))
+    with open(tmp_path / "robustness.json") as f:
+        assert json.load(f) == rows
+    assert (tmp_path / "robustness.md").read_text() == table + "\n"
+    assert table.splitlines()[0] == "| model | BN mode | clean | fgsm | #Mul | #Add |"
+    assert "| resnet20-conv | running-mean | " in table
+
+
+def test_tracked_logits_are_per_example_and_batch_modes_are_not(resnet_workdir):
+    run = load_run(resnet_workdir)
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(size=(8, 8, 8, 3)).astype(np.float32)
+    other = batch.copy()
+    other[1:] = rng.uniform(size=(7, 8, 8, 3))        # same first image, new batch mates
+    for mode, independent in (("tracked", True), ("running-mean", False), ("running", False)):
+        logits_fn = jax.jit(run.logits_fn(mode))
+        first, second = logits_fn(batch)[0], logits_fn(other)[0]
+        change = float(jnp.max(jnp.abs(first - second)))
+        if independent:
+            assert change < 1e-5, mode
+        else:
+            assert change > 1e-2, mode
+
+
+# --------------------------------------------------------------- tiny trained network
+
+class TinyNet(nnx.Module):
+    """3x3 layer + BatchNorm + ReLU, then a classifier over the whole 4x4 map (a 4x4
+    layer without padding) + BatchNorm: like the ResNets' head, whose last BatchNorm makes
+    batch size 1 degenerate in batch modes. Convolutions: they compile in seconds."""
+
+    def __init__(self, num_classes, rngs):
+        self.layer = Conv2d(3, 16, 3, rngs=rngs)
+        self.bn = BatchNorm(16)
+        self.classifier = Conv2d(16, num_classes, 4, padding=0, rngs=rngs)
+        self.classifier_bn = BatchNorm(num_classes)
+
+    def __call__(self, images):
+        x = jax.nn.relu(self.bn(self.layer((images - 0.5) / 0.25)))
+        return self.classifier_bn(self.classifier(x)).reshape(images.shape[0], -1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    config = ml_collections.ConfigDict(smoke.get_config().to_dict())
+    config.update(dict(image_size=4, crop_padding=0, random_flip=False,  # flips mix classes
+                       synthetic_num_train=512, synthetic_num_test=64, synthetic_num_classes=4, model="tiny",
+                       layer_type="conv"))
+    dataset = data.get_dataset(config)
+    graphdef, params, batch_stats = split_model(TinyNet(4, nnx.Rngs(0)))
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, images, labels):
+        def loss_fn(params):
+            logits, stats = apply_model(graphdef, params, batch_stats, images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), stats
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state
+
+    opt_state = tx.init(params)
+    for epoch in range(4):
+        for batch in dataset.train_batches(epoch, 64):
+            params, batch_stats, opt_state = step(params, batch_stats, opt_state,
+                                                  batch["image"], batch["label"])
+    workdir = str(tmp_path_factory.mktemp("runs") / "tiny")   # run label: "tiny"
+    return Run(workdir, config, dataset, 8, graphdef, params, batch_stats)
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_run):
+    return studies.Evaluator(tiny_run, chunk_size=32)
+
+
+def test_tiny_network_learned(evaluator, tiny_run):
+    images, labels = studies.load_test_set(tiny_run, None)
+    assert evaluator.accuracy(images, labels, batch_size=32, bn_mode="tracked") > 0.9
+
+
+def test_grouped_batches_match_separate_calls(evaluator, tiny_run):
+    """vmap over groups: each group of 8 has its own statistics, as if called alone."""
+    images, labels = studies.load_test_set(tiny_run, 32)
+    predictions = evaluator.predictions(images, labels, batch_size=8, bn_mode="running-mean")
+    logits_fn = jax.jit(tiny_run.logits_fn("running-mean"))
+    separate = [np.argmax(logits_fn(images[i:i + 8]), -1) for i in range(0, 32, 8)]
+    np.testing.assert_array_equal(predictions, np.stack(separate))
+
+
+def test_batch_size_one_is_degenerate_in_batch_modes_only(evaluator, tiny_run):
+    images, labels = studies.load_test_set(tiny_run, 32)
+    rows = studies.batch_size_rows(evaluator, images, labels, ["tracked", "running-mean"],
+                                   batch_sizes=(1, 32), attack="fgsm")
+    tracked = [row["clean"] for row in rows if row["bn_mode"] == "tracked"]
+    assert tracked == [tracked[0]] * 2 and tracked[0] > 0.8
+    single = evaluator.predictions(images, labels, batch_size=1, bn_mode="running-mean")
+    assert len(np.unique(single)) == 1      # the classifier's BN removes the image's logits
+    by_size = {row["batch_size"]: row for row in rows if row["bn_mode"] == "running-mean"}
+    assert by_size[32]["clean"] > by_size[1]["clean"] + 0.3
+
+
+def test_partial_attack_under_tracked_equals_the_joint_attack(evaluator, tiny_run):
+    """Per-example model: BIM on the first 2 images of each batch of 8 finds what BIM on
+    the whole batch finds for them (sign steps ignore the loss's averaging)."""
+    images, labels = studies.load_test_set(tiny_run, 32)
+    common = dict(batch_size=8, attack="bim", eps=0.2, step_size=0.04, steps=5)
+    joint = evaluator.predictions(images, labels, bn_mode="tracked", **common)
+    partial = evaluator.predictions(images, labels, bn_mode="tracked", attacked=2, **common)
+    np.testing.assert_array_equal(partial, joint[:, :2])
+    assert np.mean(joint == labels.reshape(4, 8)) < 0.5  # the attack does something
+    clean = evaluator.predictions(images, labels, batch_size=8, bn_mode="running-mean")
+    unmoved = evaluator.predictions(images, labels, bn_mode="running-mean", attacked=2,
+                                    **{**common, "eps": 0.0})
+    np.testing.assert_array_equal(unmoved, clean[:, :2])
+
+
+def test_sweeps_write_tables_and_plots(evaluator, tmp_path):
+    eps_rows = studies.eps_sweep(evaluator, ["tracked", "running-mean"], (0.0, 0.3),
+                                 batch_size=32)
+    for mode in ("tracked", "running-mean"):
+        by_eps = {row["eps"]: row for row in eps_rows if row["bn_mode"] == mode}
+        assert by_eps[0.0]["accuracy"] == by_eps[0.0]["clean"]    # eps 0: nothing moves
+        assert by_eps[0.3]["accuracy"] < by_eps[0.0]["clean"] - 0.3
+        assert by_eps[0.3]["step_size"] == pytest.approx(0.3 / 7)
+    steps_rows = studies.steps_sweep(evaluator, ["tracked"], (1, 3), eps=0.3, step_size=0.1,
+                                     batch_size=32)
+    assert [row["steps"] for row in steps_rows] == [1, 3]
+    table = studies.write_sweep(eps_rows, "eps", str(tmp_path))
+    studies.write_sweep(steps_rows, "steps", str(tmp_path))
+    assert table.splitlines()[0] == "| run | BN mode | clean | eps=0 | eps=0.3 |"
+    assert len(table.splitlines()) == 4
+    for stem in ("eps_sweep", "steps_sweep"):
+        with open(tmp_path / f"{stem}.json") as f:
+            assert len(json.load(f)) == {"eps_sweep": 4, "steps_sweep": 2}[stem]
+        assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_batch_study_partitions_and_threat_models(evaluator, tmp_path):
+    study = studies.batch_study(evaluator, ["tracked", "running-mean"], num_examples=64,
+                                batch_sizes=(1, 16), batch_size=8, partitions=3,
+                                attacked=(1, 8), max_passes=2, attack="fgsm")
+    assert study["num_examples"] == 64
+    shuffle = {row["bn_mode"]: row for row in study["shuffle"]}
+    assert shuffle["tracked"]["clean"]["agreement"] == 1.0
+    assert shuffle["tracked"]["clean"]["std"] == 0.0
+    assert shuffle["running-mean"]["clean"]["agreement"] < 1.0
+    threat = [(row["bn_mode"], row["attacker"], row["num_attacked"]) for row in study["threat"]]
+    assert threat == [
+        ("tracked", "1 per batch", 16), ("tracked", "whole batch", 64),
+        ("running-mean", "1 per batch", 16), ("running-mean", "whole batch", 64),
+        ("running-mean", "whole batch, crafted under tracked", 64)]
+    tables = studies.write_batch_study([study], str(tmp_path))
+    assert tables.count("| tiny | running-mean |") == 5
+    with open(tmp_path / "batch.json") as f:
+        assert json.load(f) == [study]
+    assert (tmp_path / "batch_size.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluator_rejects_bad_settings(evaluator, tiny_run):
+    images, labels = studies.load_test_set(tiny_run, 12)
+    with pytest.raises(ValueError, match="do not fill batches of 8"):
+        evaluator.predictions(images, labels, batch_size=8, bn_mode="tracked")
+    with pytest.raises(ValueError, match="unknown evaluation BN mode 'train'"):
+        evaluator.predictions(images, labels, batch_size=4, bn_mode="train")
+    with pytest.raises(ValueError, match=r"attacked must be in \[1, 4\]"):
+        evaluator.predictions(images, labels, batch_size=4, bn_mode="tracked", attacked=5)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack", "pgdd"], "error: unknown attack 'pgdd'; known attacks: fgsm"),
+    (["--bn-mode", "train"], "error: unknown evaluation BN mode 'train'"),
+    (["--study", "noise"], "error: unknown study 'noise'"),
+    (["--workdir", "/nonexistent/run"], "error: /nonexistent/run holds no config.json"),
+])
+def test_cli_reports_bad_input_in_one_line(args, message):
+    result = subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
