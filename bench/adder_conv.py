@@ -1,14 +1,27 @@
-"""Speed of the adder convolution against ``lax.conv_general_dilated`` on ResNet-20's layers.
+"""Speed of the adder convolution's implementations against ``lax.conv_general_dilated`` on
+ResNet-20's layers, with a correctness check of each implementation first.
 
 What is measured, for every distinct adder-layer shape of the CIFAR ResNet-20 of the official
-AdderNet (3x3 convolutions with padding 1, 1x1 stride-2 shortcuts with padding 0):
+AdderNet (3x3 convolutions with padding 1, 1x1 stride-2 shortcuts with padding 0), and for each
+implementation named in ``--impl``:
 
-* fwd: the forward of ``awn_jax.ops.adder_conv2d`` and of ``lax.conv_general_dilated``;
+* fwd: the forward of ``adder_conv2d`` and of ``lax.conv_general_dilated``;
 * fwd+bwd: ``value_and_grad`` of ``sum(output * cotangent)`` (a fixed random cotangent) with
   respect to both the input and the kernel; the adder uses its official backward, ``eta=0.2``;
-* ref: optionally the same two for the naive ``adder_conv2d_reference`` (unfold, broadcast,
-  reduce; its gradient is plain ``jax.grad``), only where its broadcast tensor stays under
-  ``--reference-max-mb``, since it materializes ``N*Ho*Wo x k*k*cin x cout`` floats.
+* ratio: implementation / lax.conv, both timed in the same run.
+
+Implementations (``--impl``, comma-separated): ``auto``, ``xla``, ``pallas``, ``native`` (the
+``implementation=`` of ``awn_jax.ops.adder_conv2d``); ``pallas:pixels=128,warps=8`` and the like
+(the Pallas kernels with other ``adder_pallas.Tiles``); ``naive``: the plain
+``adder_conv2d_reference`` (unfold, broadcast, reduce; its f+b is plain ``jax.grad``, the true
+l1 gradient), only where its broadcast tensor stays under ``--reference-max-mb``. Off a GPU,
+``pallas`` runs in Pallas interpret mode (slow; for checking the script, not for timing).
+
+Correctness check (``--check-batch``, on by default): each implementation's values, input
+gradient and weight gradient (official rules, eta on) on every layer shape at a small batch,
+against the float64 reference computed on the CPU; max abs error, absolute and relative to the
+largest reference magnitude. An implementation that fails to compile there is reported and
+left out of the timings; one that fails to compile later is reported in its row.
 
 Why: the multiplying convolution is the speed an adder layer should approach (the targets are
 fwd within 2x of lax.conv, fwd+bwd within 3x); the adder's throughput, in absolute differences
@@ -17,9 +30,12 @@ per second (``N*Ho*Wo*k*k*cin*cout / time``), compares with the figures of
 
 Every function is jit-compiled and warmed up before timing; a sample is the mean of enough
 back-to-back calls (each waited for with ``block_until_ready``) to last ``--min-sample-ms``;
-the table gives the median of ``--repeats`` samples, in milliseconds.
+the table gives the median of ``--repeats`` samples, in milliseconds. Rows are printed (and
+appended to ``--output``) as they are measured; ``--time-budget-s`` stops starting new
+measurements once spent, so a run in a fixed time slot still reports what it finished.
 
     python bench/adder_conv.py --batch 32 256 --repeats 5
+    python bench/adder_conv.py --batch 256 --impl xla,pallas,naive --output gpu.md   # on a GPU
 """
 
 from __future__ import annotations
@@ -30,14 +46,19 @@ import os
 import platform
 import statistics
 import time
-from typing import NamedTuple
+import sys
+import traceback
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from awn_jax.ops import adder_conv2d
-from awn_jax.ops.reference import adder_conv2d_reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # awn_jax
+from awn_jax.ops import adder_conv2d, adder_pallas, resolve_implementation  # noqa: E402
+from awn_jax.ops.reference import (adder_conv2d_reference,  # noqa: E402
+                                   adder_conv2d_reference_grads)
 
 ETA = 0.2
 
@@ -82,21 +103,34 @@ RESNET20_LAYERS = (
 )
 
 
-def forward_fns(layer: Layer):
-    """The three forwards ``f(x, kernel)`` on ``layer``: adder, lax.conv, naive reference."""
+class Impl(NamedTuple):
+    """A named adder implementation: ``make(stride, padding) -> f(x, kernel)``."""
+    label: str
+    make: Callable
+    naive: bool = False
+
+
+def parse_impl(spec: str) -> Impl:
+    """``xla`` / ``pallas`` / ``native`` / ``auto`` / ``naive`` / ``pallas:key=value,...``."""
+    spec = spec.strip()
+    if spec == "naive":
+        return Impl("naive", lambda s, p: lambda x, k: adder_conv2d_reference(x, k, s, p),
+                    naive=True)
+    if spec.startswith("pallas:"):
+        fields = dict(item.split("=", 1) for item in spec[len("pallas:"):].split(","))
+        tiles = adder_pallas.Tiles(**{key: int(value) for key, value in fields.items()})
+        return Impl(spec, lambda s, p: lambda x, k: adder_pallas.adder_conv2d(
+            x, k, s, p, ETA, tiles=tiles))
+    label = spec if spec != "auto" else f"auto ({resolve_implementation('auto')})"
+    resolve_implementation(spec)  # an unknown name fails here, before any measurement
+    return Impl(label, lambda s, p: lambda x, k: adder_conv2d(x, k, s, p, ETA,
+                                                               implementation=spec))
+
+
+def conv_fn(layer: Layer):
     s, p = layer.stride, layer.padding
-
-    def adder(x, kernel):
-        return adder_conv2d(x, kernel, stride=s, padding=p, eta=ETA)
-
-    def conv(x, kernel):
-        return lax.conv_general_dilated(x, kernel, (s, s), [(p, p)] * 2,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    def reference(x, kernel):
-        return adder_conv2d_reference(x, kernel, stride=s, padding=p)
-
-    return {"adder": adder, "conv": conv, "ref": reference}
+    return lambda x, kernel: lax.conv_general_dilated(
+        x, kernel, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def fwd_bwd(forward):
@@ -128,6 +162,12 @@ def time_ms(fn, args, repeats: int, min_sample_ms: float) -> float:
     return statistics.median(run(number) for _ in range(repeats))
 
 
+def short_error(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text[:300].replace("|", "/")
+
+
 def machine_info() -> str:
     cpu = platform.processor() or "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -136,55 +176,155 @@ def machine_info() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    device = jax.devices()[0]
     return (f"{cpu}, nproc={len(os.sched_getaffinity(0))}, jax {jax.__version__} "
-            f"({jax.default_backend()}), loadavg (1/5/15 min) {load}")
+            f"({jax.default_backend()}: {device.device_kind}), loadavg (1/5/15 min) {load}")
+
+
+class Report:
+    """Prints lines and appends them to ``path`` (if any) as they come."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            open(path, "w").close()
+
+    def __call__(self, line: str = ""):
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def reference_float64(layer: Layer, x, kernel, ct):
+    """(y, dx, dw) of the float64 reference with the official rules, computed on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    with jax.enable_x64(True):
+        args = [jax.device_put(np.asarray(a, np.float64), cpu) for a in (x, kernel, ct)]
+        y = jax.jit(adder_conv2d_reference, static_argnums=(2, 3))(
+            args[0], args[1], layer.stride, layer.padding)
+        dx, dw = jax.jit(adder_conv2d_reference_grads, static_argnums=(3, 4, 5))(
+            *args, layer.stride, layer.padding, ETA)
+        return [np.asarray(a) for a in (y, dx, dw)]
+
+
+def check(impls, batch: int, report: Report) -> set[str]:
+    """Errors of each implementation against the float64 reference; returns the labels of
+    those that failed to run."""
+    report(f"## Correctness: max abs error against the float64 reference (batch {batch}, "
+           f"eta={ETA}), absolute (relative to the largest reference value)\n")
+    report("| layer | impl | y | dx | dw |")
+    report("|---|---|---:|---:|---:|")
+    failed = set()
+    for layer in RESNET20_LAYERS:
+        x, kernel, ct = make_inputs(layer, batch, seed=1)
+        expected = reference_float64(layer, x, kernel, ct)
+        for impl in impls:
+            if impl.naive or impl.label in failed:
+                continue
+            forward = impl.make(layer.stride, layer.padding)
+
+            @jax.jit
+            def value_and_grads(x, kernel, ct, forward=forward):
+                y, vjp = jax.vjp(forward, x, kernel)
+                return (y, *vjp(ct))
+
+            try:
+                actual = [np.asarray(a, np.float64) for a in value_and_grads(x, kernel, ct)]
+            except Exception as error:  # a kernel that does not compile here: report, go on
+                failed.add(impl.label)
+                report(f"| {layer.name()} | {impl.label} | error: {short_error(error)} | | |")
+                traceback.print_exc()
+                continue
+            cells = []
+            for a, e in zip(actual, expected):
+                err = float(np.max(np.abs(a - e)))
+                cells.append(f"{err:.2e} ({err / max(float(np.max(np.abs(e))), 1e-30):.1e})")
+            report(f"| {layer.name()} | {impl.label} | " + " | ".join(cells) + " |")
+    report()
+    return failed
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--impl", default="auto",
+                        help="comma-separated implementations: auto, xla, pallas, native, "
+                             "naive, pallas:pixels=..,channels=..,accumulator=..,warps=..")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-sample-ms", type=float, default=20.0,
                         help="a sample averages back-to-back calls until it lasts this long")
     parser.add_argument("--reference-max-mb", type=float, default=512.0,
                         help="time the naive reference only where its broadcast tensor is "
                              "at most this many MB (0: never)")
+    parser.add_argument("--check-batch", type=int, default=2,
+                        help="batch of the correctness check (0: no check)")
+    parser.add_argument("--time-budget-s", type=float, default=0.0,
+                        help="start no new measurement after this many seconds (0: no limit)")
+    parser.add_argument("--output", help="also write the report (Markdown) to this file")
     args = parser.parse_args()
 
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"start: {machine_info()}\n")
-    print("| layer | N | adder fwd | conv fwd | fwd ratio | adder f+b | conv f+b | f+b ratio "
-          "| adder fwd G abs-diff/s | ref fwd | ref f+b |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    start = time.perf_counter()
+    impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]
+    report = Report(args.output)
+    report(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    report(f"start: {machine_info()}")
+    report(f"command: python bench/adder_conv.py {' '.join(sys.argv[1:])}")
+    if jax.default_backend() != "gpu" and any(i.label.startswith("pallas") or
+                                              i.label == "auto (pallas)" for i in impls):
+        report("note: no GPU, so the Pallas kernels run in interpret mode (not a timing)")
+    report()
+
+    failed = check(impls, args.check_batch, report) if args.check_batch > 0 else set()
+
+    report("## Speed: times in ms (median of samples); ratio = implementation / lax.conv\n")
+    report("| layer | N | impl | fwd | conv fwd | fwd ratio | f+b | conv f+b | f+b ratio "
+           "| fwd G abs-diff/s |")
+    report("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     skipped = []
     for batch in args.batch:
         for layer in RESNET20_LAYERS:
+            if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
+                skipped.append(f"{layer.name()} N={batch} (time budget)")
+                continue
             inputs = make_inputs(layer, batch)
-            fns = forward_fns(layer)
-            names = ["adder", "conv"]
-            if layer.broadcast_bytes(batch) <= args.reference_max_mb * 2 ** 20:
-                names.append("ref")
-            else:
-                skipped.append(f"{layer.name()} N={batch} "
-                               f"({layer.broadcast_bytes(batch) / 2 ** 30:.1f} GiB broadcast)")
-            fwd, fb = {}, {}
-            for name in names:
-                fwd[name] = time_ms(jax.jit(fns[name]), inputs[:2], args.repeats,
-                                    args.min_sample_ms)
-                fb[name] = time_ms(jax.jit(fwd_bwd(fns[name])), inputs, args.repeats,
-                                   args.min_sample_ms)
-            gps = layer.abs_diffs(batch) / (fwd["adder"] * 1e-3) / 1e9
-            ref = (f"{fwd['ref']:.2f} | {fb['ref']:.2f}" if "ref" in fwd else "- | -")
-            print(f"| {layer.name()} | {batch} | {fwd['adder']:.2f} | {fwd['conv']:.2f} "
-                  f"| {fwd['adder'] / fwd['conv']:.1f}x | {fb['adder']:.2f} | {fb['conv']:.2f} "
-                  f"| {fb['adder'] / fb['conv']:.1f}x | {gps:.2f} | {ref} |", flush=True)
+            conv = conv_fn(layer)
+            conv_fwd = time_ms(jax.jit(conv), inputs[:2], args.repeats, args.min_sample_ms)
+            conv_fb = time_ms(jax.jit(fwd_bwd(conv)), inputs, args.repeats,
+                              args.min_sample_ms)
+            for impl in impls:
+                if impl.label in failed:
+                    continue
+                if impl.naive and layer.broadcast_bytes(batch) > args.reference_max_mb * 2**20:
+                    skipped.append(f"naive {layer.name()} N={batch} "
+                                   f"({layer.broadcast_bytes(batch) / 2 ** 30:.1f} GiB "
+                                   f"broadcast)")
+                    continue
+                if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
+                    skipped.append(f"{impl.label} {layer.name()} N={batch} (time budget)")
+                    continue
+                forward = impl.make(layer.stride, layer.padding)
+                try:
+                    fwd = time_ms(jax.jit(forward), inputs[:2], args.repeats,
+                                  args.min_sample_ms)
+                    fb = time_ms(jax.jit(fwd_bwd(forward)), inputs, args.repeats,
+                                 args.min_sample_ms)
+                except Exception as error:  # e.g. a kernel that does not compile: go on
+                    report(f"| {layer.name()} | {batch} | {impl.label} | error: "
+                           f"{short_error(error)} | | | | | | |")
+                    traceback.print_exc()
+                    continue
+                gps = layer.abs_diffs(batch) / (fwd * 1e-3) / 1e9
+                report(f"| {layer.name()} | {batch} | {impl.label} | {fwd:.3f} | {conv_fwd:.3f} "
+                       f"| {fwd / conv_fwd:.2f}x | {fb:.3f} | {conv_fb:.3f} "
+                       f"| {fb / conv_fb:.2f}x | {gps:.1f} |")
 
-    print("\nTimes in ms (median of samples). ratio = adder / conv. ref = naive "
-          "adder_conv2d_reference, its f+b by plain jax.grad.")
+    report()
+    report("naive = adder_conv2d_reference (unfold, broadcast, reduce), its f+b by plain "
+           "jax.grad; the others use the official backward with eta=0.2.")
     if skipped:
-        print(f"ref skipped (broadcast tensor over {args.reference_max_mb:g} MB): "
-              + "; ".join(skipped))
-    print(f"end: {machine_info()}")
+        report("skipped: " + "; ".join(skipped))
+    report(f"end: {machine_info()}; {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -6,23 +6,24 @@ AdderNet's HardTanh input gradient, the full-precision weight gradient and its a
 scaling. Two kernels, both direct (no patch matrix in memory):
 
 * forward: a program owns a tile of output pixels x output channels. For each kernel tap
-  it gathers the input rows that tap reads (out-of-image taps read an appended zero row, so
-  padding costs nothing) and walks ``cin`` in chunks, adding ``|x - w|`` into a
-  ``(pixels, cin chunk, cout)`` register accumulator that is reduced over its middle axis
-  once, at the end: the loop body is a subtract, an absolute value and an add per element,
-  no cross-lane reduction.
+  it gathers the input rows that tap reads (zeroed where the tap falls in the padding, so
+  the padded input never exists in memory) and walks ``cin`` in chunks, adding
+  ``|x - w|`` into a ``(pixels, cin chunk, cout)`` register accumulator that is reduced
+  over its middle axis once, at the end: the loop body is a subtract, an absolute value
+  and an add per element, no cross-lane reduction.
 * input gradient: a program owns a tile of input pixels x input channels. An input pixel
   is the patch value ``P`` of every (tap, output pixel) pair that reads it, so
   ``dx = sum_taps sum_cout g * clip(W - x, -1, 1)`` over the output pixels that read it:
-  the fold back onto x becomes a gather of ``g`` rows (a zero row where the tap reads no
+  the fold back onto x becomes a gather of ``g`` rows (zeroed where the tap reads no
   output pixel), not a scatter, and needs no atomics. Same accumulator scheme, over cout.
 
 The weight gradient, linear in the patches, stays a matrix product in XLA
 (``adder._weight_grad``), which the tensor cores do best.
 
-Tile sizes are :class:`Tiles`, powers of two as Triton requires; arrays are padded in XLA
-so that tiles divide them (pixel rows to a multiple of the pixel tile, channels to powers
-of two with zeros, which add ``|0 - 0| = 0``).
+Tile sizes are :class:`Tiles`, powers of two as Triton requires. Output rows are padded to
+a multiple of the pixel tile (the extra rows are sliced off) and channel counts that are not
+powers of two are zero-padded in XLA (zeros add ``|0 - 0| = 0``); ResNet shapes need
+neither, so no input is copied.
 
 ``interpret``: ``None`` (default) runs interpreted unless JAX's default backend is a GPU;
 the environment variable ``AWN_PALLAS_INTERPRET=1`` (or ``0``) overrides that default.
@@ -84,10 +85,11 @@ def _geometry(x_shape, k_shape, stride, padding):
                 stride=stride, padding=padding)
 
 
-def _rows_with_zero_row(a2d, channels):
-    """``(rows, c)`` -> ``(rows + 1, channels)``: an appended zero row for gathers that
-    fall outside the image, and zero channels up to the padded channel count."""
-    return jnp.pad(a2d, ((0, 1), (0, channels - a2d.shape[1])))
+def _channels_padded(a2d, channels):
+    """``(rows, c)`` -> ``(rows, channels)`` with zero channels; no copy when c fits."""
+    if a2d.shape[1] == channels:
+        return a2d
+    return jnp.pad(a2d, ((0, 0), (0, channels - a2d.shape[1])))
 
 
 def _iota(size):
@@ -110,11 +112,10 @@ def _loop(count: int, body, init):
 
 
 def _forward_kernel(x_ref, w_ref, o_ref, *, geo, block_cin, acc_dtype):
-    """One (pixels x cout) tile of ``sum |P - W|`` (positive; the caller negates)."""
+    """One (pixels x cout) tile of ``-sum |P - W|``."""
     bm, bn = o_ref.shape
     h, w, ho, wo = geo["h"], geo["w"], geo["ho"], geo["wo"]
     s, p, kw = geo["stride"], geo["padding"], geo["kw"]
-    zero_row = geo["n"] * h * w
     last = geo["n"] * ho * wo - 1
     m = jnp.minimum(pl.program_id(0) * bm + _iota(bm), last)   # tail tiles repeat the last
     image, rest = _div(m, ho * wo), _rem(m, ho * wo)
@@ -125,18 +126,19 @@ def _forward_kernel(x_ref, w_ref, o_ref, *, geo, block_cin, acc_dtype):
     def add_tap(tap, acc):
         hi, wi = top + _div(tap, kw), left + _rem(tap, kw)
         inside = (hi >= 0) & (hi < h) & (wi >= 0) & (wi < w)
-        rows = jnp.where(inside, (image * h + hi) * w + wi, zero_row)
+        rows = jnp.where(inside, (image * h + hi) * w + wi, 0)   # 0: any valid row
 
         def add_chunk(c, acc):
             cols = pl.ds(pl.multiple_of(c * block_cin, block_cin), block_cin)
             xs = x_ref[rows, cols].astype(acc_dtype)                  # (bm, block_cin)
+            xs = jnp.where(inside[:, None], xs, 0.0)                 # zero padding
             ws = w_ref[tap, cols, :].astype(acc_dtype)                # (block_cin, bn)
             return acc + jnp.abs(xs[:, :, None] - ws[None, :, :])
 
         return _loop(chunks, add_chunk, acc)
 
     acc = _loop(geo["kh"] * kw, add_tap, jnp.zeros((bm, block_cin, bn), acc_dtype))
-    o_ref[...] = jnp.sum(acc, axis=1).astype(o_ref.dtype)
+    o_ref[...] = (-jnp.sum(acc, axis=1)).astype(o_ref.dtype)
 
 
 def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, block_cout, acc_dtype):
@@ -144,7 +146,6 @@ def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, block_cout, acc_dtype
     bm, bc = o_ref.shape
     h, w, ho, wo = geo["h"], geo["w"], geo["ho"], geo["wo"]
     s, p, kw = geo["stride"], geo["padding"], geo["kw"]
-    zero_row = geo["n"] * ho * wo
     pixel = jnp.minimum(pl.program_id(0) * bm + _iota(bm), geo["n"] * h * w - 1)
     image, rest = _div(pixel, h * w), _rem(pixel, h * w)
     down = _div(rest, w) + p      # this pixel's row and column in the padded input
@@ -161,11 +162,12 @@ def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, block_cout, acc_dtype
         oh, ow = _div(thc, s), _div(twc, s)
         reads = ((th >= 0) & (tw >= 0) & (_rem(thc, s) == 0) & (_rem(twc, s) == 0)
                  & (oh < ho) & (ow < wo))
-        rows = jnp.where(reads, (image * ho + oh) * wo + ow, zero_row)
+        rows = jnp.where(reads, (image * ho + oh) * wo + ow, 0)   # 0: any valid row
 
         def add_chunk(c, acc):
             cols = pl.ds(pl.multiple_of(c * block_cout, block_cout), block_cout)
             gs = g_ref[rows, cols].astype(acc_dtype)                   # (bm, block_cout)
+            gs = jnp.where(reads[:, None], gs, 0.0)       # no output pixel reads x here
             ws = w_ref[tap, :, cols].astype(acc_dtype)                 # (bc, block_cout)
             clipped = jnp.minimum(jnp.maximum(ws[None, :, :] - xs[:, :, None], -1.0), 1.0)
             return acc + clipped * gs[:, None, :]
@@ -201,11 +203,11 @@ def _forward(x, kernel, geo, tiles, interpret):
     cout_p, block_cout, cin_p, block_cin = _blocks(geo["cout"], geo["cin"], tiles)
     pixels = geo["n"] * geo["ho"] * geo["wo"]
     pixels_p = _round_up(pixels, tiles.pixels)
-    x_rows = _rows_with_zero_row(x.reshape(-1, geo["cin"]), cin_p)
+    x_rows = _channels_padded(x.reshape(-1, geo["cin"]), cin_p)
     w = _padded_taps(kernel, cin_p, cout_p)
     out = pl.pallas_call(
         functools.partial(_forward_kernel, geo=geo, block_cin=block_cin, acc_dtype=acc),
-        out_shape=jax.ShapeDtypeStruct((pixels_p, cout_p), acc),
+        out_shape=jax.ShapeDtypeStruct((pixels_p, cout_p), jnp.result_type(x, kernel)),
         grid=(pixels_p // tiles.pixels, cout_p // block_cout),
         in_specs=[pl.BlockSpec(x_rows.shape, lambda i, j: (0, 0)),
                   pl.BlockSpec((w.shape[0], cin_p, block_cout), lambda i, j: (0, 0, j))],
@@ -214,8 +216,7 @@ def _forward(x, kernel, geo, tiles, interpret):
         interpret=interpret,
         name="adder_forward",
     )(x_rows, w)
-    out = out[:pixels, :geo["cout"]].reshape(geo["n"], geo["ho"], geo["wo"], geo["cout"])
-    return (-out).astype(jnp.result_type(x, kernel))
+    return out[:pixels, :geo["cout"]].reshape(geo["n"], geo["ho"], geo["wo"], geo["cout"])
 
 
 def _input_grad(x, kernel, g, geo, tiles, interpret):
@@ -223,8 +224,8 @@ def _input_grad(x, kernel, g, geo, tiles, interpret):
     cin_p, block_cin, cout_p, block_cout = _blocks(geo["cin"], geo["cout"], tiles)
     pixels = geo["n"] * geo["h"] * geo["w"]
     pixels_p = _round_up(pixels, tiles.pixels)
-    x_rows = _rows_with_zero_row(x.reshape(-1, geo["cin"]), cin_p)
-    g_rows = _rows_with_zero_row(g.reshape(-1, geo["cout"]), cout_p)
+    x_rows = _channels_padded(x.reshape(-1, geo["cin"]), cin_p)
+    g_rows = _channels_padded(g.reshape(-1, geo["cout"]), cout_p)
     w = _padded_taps(kernel, cin_p, cout_p)
     dx = pl.pallas_call(
         functools.partial(_input_grad_kernel, geo=geo, block_cout=block_cout, acc_dtype=acc),
