@@ -1,0 +1,132 @@
+"""Stability and variance studies of training runs (the paper's Fig. 1-3, Sec. 3).
+
+    python analyze.py --study all --workdir workdirs/cpu/r20_ann --workdir workdirs/cpu/r20_awn \
+        --data-dir /work/data --num-examples 1000 --output-dir docs/figures
+
+Studies (``--study``, comma-separated or ``all``):
+  interpolation    accuracy/loss between checkpoints --epoch-a and --epoch-b of each run
+  curves           test loss/accuracy per epoch from each run's metrics.jsonl
+  distributions    weights, features before BN and BN statistics over saved epochs
+  variance-theory  Monte Carlo check of Sec. 3 (needs no workdir)
+Each writes stability_<study>.json and .png into --output-dir (default: the first workdir).
+"""
+
+import os
+
+from absl import flags, logging
+
+from awn_jax import checkpointing, cli
+from awn_jax.runs import load_run, saved_epochs
+from awn_jax.stability import common, curves, distributions, interpolation, theory
+
+STUDIES = ("interpolation", "curves", "distributions", "variance-theory")
+
+_STUDY = flags.DEFINE_list("study", ["all"], f"Studies to run: {', '.join(STUDIES)} or all.")
+_WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Training workdir(s), compared in one figure.")
+_DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
+_OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write (default: first workdir).")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 500, "Test batch size.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).")
+_BN_MODE = flags.DEFINE_string("bn-mode", "tracked", "BN mode for scoring and features.")
+_EPOCH_A = flags.DEFINE_integer("epoch-a", None, "Interpolation start (default: second last).")
+_EPOCH_B = flags.DEFINE_integer("epoch-b", None, "Interpolation end (default: last epoch).")
+_NUM_POINTS = flags.DEFINE_integer("num-points", 9, "Interpolated models between the ends.")
+_BN_STATS = flags.DEFINE_enum("bn-stats", "both", ["interpolate", "reestimate", "both"],
+                              "BN running statistics along the path (see stability.interpolation).")
+_REESTIMATE_BATCHES = flags.DEFINE_integer("reestimate-batches", 10,
+                                           "Training batches per BN re-estimation.")
+_EPOCHS = flags.DEFINE_list("epochs", None, "Epochs for distributions (default: all saved).")
+_LAYERS = flags.DEFINE_list("layers", None, "Layers for feature histograms, e.g. "
+                            "stages.0.0.conv1 (default: first and last in the stages).")
+_FEATURE_IMAGES = flags.DEFINE_integer("feature-images", 256, "Test images for features.")
+_BINS = flags.DEFINE_integer("bins", 60, "Histogram bins.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of feature sampling and the Monte Carlo.")
+_THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo draws per check.")
+
+
+def _studies() -> list[str]:
+    names = list(STUDIES) if _STUDY.value == ["all"] else _STUDY.value
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        raise ValueError(f"unknown study {', '.join(unknown)}; expected one of "
+                         f"{', '.join(STUDIES)} or all")
+    return names
+
+
+def _write(output_dir, stem, results, *figures) -> None:
+    print(common.write_json(output_dir, f"stability_{stem}", results))
+    for suffix, fig in figures:
+        print(common.save_figure(fig, output_dir, f"stability_{stem}{suffix}"))
+
+
+def _interpolation(workdirs, output_dir) -> None:
+    modes = interpolation.BN_STATS if _BN_STATS.value == "both" else (_BN_STATS.value,)
+    results = []
+    for workdir in workdirs:
+        epochs = saved_epochs(workdir)
+        epoch_b = _EPOCH_B.value if _EPOCH_B.value is not None else epochs[-1]
+        epoch_a = _EPOCH_A.value if _EPOCH_A.value is not None else max(
+            [e for e in epochs if e < epoch_b], default=None)
+        if epoch_a is None:
+            raise ValueError(f"{workdir}: interpolation needs two checkpoints; saved: {epochs}")
+        run_a = load_run(workdir, epoch_a, _DATA_DIR.value)
+        run_b = load_run(workdir, epoch_b, _DATA_DIR.value)
+        for mode in modes:
+            results.append(interpolation.interpolate_run(
+                run_a, run_b, num_points=_NUM_POINTS.value, bn_stats=mode,
+                bn_mode=_BN_MODE.value, batch_size=_BATCH_SIZE.value,
+                num_examples=_NUM_EXAMPLES.value, reestimate_batches=_REESTIMATE_BATCHES.value))
+            r = results[-1]
+            print(f"{r['model']} {r['epoch_a']}->{r['epoch_b']} BN {mode}: accuracy % "
+                  + " ".join(f"{a:.2f}" for a in r["test_accuracy_pct"])
+                  + f"; variance of the interior {r['accuracy_var_interior']}, detrended "
+                  f"{r['accuracy_detrended_msd']}")
+    _write(output_dir, "interpolation", results, ("", interpolation.plot(results)))
+
+
+def _distributions(workdirs, output_dir) -> None:
+    results = []
+    for workdir in workdirs:
+        epochs = [int(e) for e in _EPOCHS.value] if _EPOCHS.value else saved_epochs(workdir)
+        runs = (load_run(workdir, epoch, _DATA_DIR.value) for epoch in epochs)
+        results.append(distributions.analyze_run(
+            runs, layers=_LAYERS.value, num_images=_FEATURE_IMAGES.value,
+            bn_mode=_BN_MODE.value, bins=_BINS.value, seed=_SEED.value))
+    results = distributions.relabel(results)
+    _write(output_dir, "distributions", results,
+           ("_weights", distributions.plot_weights(results)),
+           ("_features", distributions.plot_features(results)),
+           ("_bn", distributions.plot_bn(results)))
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    studies = _studies()
+    workdirs = _WORKDIRS.value
+    for workdir in workdirs:
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"no such workdir: {workdir}")
+        checkpointing.load_config_dict(workdir)  # fails on a directory that is no workdir
+    if not workdirs and set(studies) - {"variance-theory"}:
+        raise ValueError(f"the studies {', '.join(s for s in studies if s != 'variance-theory')}"
+                         " need at least one --workdir")
+    output_dir = _OUTPUT_DIR.value or (workdirs[0] if workdirs else None)
+    if output_dir is None:
+        raise ValueError("pass --output-dir (or a --workdir to write into)")
+    if "curves" in studies:
+        results = curves.collect(workdirs)
+        _write(output_dir, "curves", results, ("", curves.plot(results)))
+    if "interpolation" in studies:
+        _interpolation(workdirs, output_dir)
+    if "distributions" in studies:
+        _distributions(workdirs, output_dir)
+    if "variance-theory" in studies:
+        results = theory.run(seed=_SEED.value, samples=_THEORY_SAMPLES.value)
+        _write(output_dir, "variance_theory", results, ("", theory.plot(results)))
+        print(results["markdown"])
+
+
+if __name__ == "__main__":
+    cli.run(main)

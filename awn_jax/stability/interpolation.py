@@ -1,0 +1,154 @@
+"""Linear interpolation between two checkpoints of one run (the paper's Fig. 2c).
+
+``theta(alpha) = (1 - alpha) theta_a + alpha theta_b`` for all trainable parameters (AWN's
+nu/upsilon included), scored on a fixed set of test images. BatchNorm running statistics
+are not parameters; two treatments are offered:
+
+* ``interpolate``: the running mean and variance are interpolated like the parameters.
+  At alpha = 0 and 1 the model is exactly the saved checkpoint, so the ends reproduce
+  the checkpoints' test accuracies.
+* ``reestimate``: for every alpha the running statistics are recomputed on training
+  batches: the model runs in ``train`` BN mode with momentum 1 (each BN then holds the
+  statistics of the current batch) and the per-batch means and unbiased variances are
+  averaged, as SWA's ``update_bn`` does. This separates a bad region of the weights from
+  running statistics that merely do not fit the interpolated weights; the ends then
+  differ slightly from the checkpoints.
+
+The paper reports the variance of the accuracies of the 9 interpolated models; here the
+accuracy is in percent, the variance the population variance (ddof=0), given over the
+interior points and over all points with the ends.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from awn_jax.nn import BatchNorm, set_bn_mode
+from awn_jax.stability.common import evaluate, run_label
+from awn_jax.state import apply_model, with_bn_mode
+
+BN_STATS = ("interpolate", "reestimate")
+
+
+def lerp(tree_a, tree_b, alpha: float):
+    """``(1 - alpha) a + alpha b`` leaf by leaf; exactly ``a`` at 0 and ``b`` at 1."""
+    return jax.tree.map(lambda a, b: (1.0 - alpha) * np.asarray(a) + alpha * np.asarray(b),
+                        tree_a, tree_b)
+
+
+def _statistics_graphdef(graphdef, params, batch_stats):
+    """The model in ``train`` BN mode with momentum 1: its BN state after a call is the
+    statistics of that batch alone."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    set_bn_mode(model, "train")
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, BatchNorm):
+            module.momentum = 1.0
+    return nnx.split(model, nnx.Param, nnx.BatchStat)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_statistics(graphdef, params, batch_stats, images):
+    return apply_model(graphdef, params, batch_stats, images)[1]
+
+
+def reestimate_bn(graphdef, params, batch_stats, batches):
+    """Running statistics recomputed for ``params``: the mean over ``batches`` of each
+    batch's BN mean and unbiased variance (``batch_stats`` gives only the structure)."""
+    stats_graphdef = _statistics_graphdef(graphdef, params, batch_stats)
+    per_batch = [jax.device_get(_batch_statistics(stats_graphdef, params, batch_stats,
+                                                  batch["image"])) for batch in batches]
+    if not per_batch:
+        raise ValueError("re-estimating BN statistics needs at least one training batch")
+    return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_batch)
+
+
+def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "interpolate",
+                    bn_mode: str = "tracked", batch_size: int = 500,
+                    num_examples: int | None = None, reestimate_batches: int = 10) -> dict:
+    """Test accuracy and loss at ``num_points`` interpolated models plus the two ends.
+
+    ``run_a``, ``run_b``: two :class:`awn_jax.runs.Run` of the same workdir (two epochs).
+    Re-estimation uses the first ``reestimate_batches`` training batches (augmented, of
+    the run's own batch size) of the epoch after ``run_b``'s.
+    """
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"unknown bn_stats {bn_stats!r}; expected one of {BN_STATS}")
+    if num_points < 0:
+        raise ValueError(f"num_points must be >= 0, got {num_points}")
+    if dict(run_a.config) != dict(run_b.config):
+        raise ValueError("interpolation needs two checkpoints of the same run (same config)")
+    alphas = np.linspace(0.0, 1.0, num_points + 2)
+    graphdef = with_bn_mode(run_a.graphdef, run_a.params, run_a.batch_stats, bn_mode)
+    test = list(run_a.dataset.test_batches(batch_size, num_examples=num_examples))
+    train = []
+    if bn_stats == "reestimate":
+        batches = run_a.dataset.train_batches(run_b.epoch, run_a.config.batch_size)
+        train = [batch for _, batch in zip(range(reestimate_batches), batches)]
+    points = []
+    for alpha in alphas:
+        params = lerp(run_a.params, run_b.params, float(alpha))
+        if bn_stats == "interpolate":
+            stats = lerp(run_a.batch_stats, run_b.batch_stats, float(alpha))
+        else:
+            stats = reestimate_bn(run_a.graphdef, params, run_a.batch_stats, train)
+        points.append(evaluate(graphdef, params, stats, test))
+    return {
+        "model": run_label(run_a.config), "workdir": run_a.workdir,
+        "epoch_a": run_a.epoch, "epoch_b": run_b.epoch, "bn_stats": bn_stats,
+        "bn_mode": bn_mode, "num_examples": points[0]["num_examples"],
+        "reestimate_batches": len(train),
+        **summarize(alphas, [100.0 * p["test_accuracy"] for p in points],
+                    [p["test_loss"] for p in points]),
+    }
+
+
+def summarize(alphas, accuracy_pct, loss) -> dict:
+    """The path and its spread: variances over the interior points (the paper's number)
+    and over all points, and the mean squared deviation of the interior accuracies from
+    the chord between the ends (what is left when the trend from one checkpoint to the
+    other is taken out)."""
+    alphas, accuracy, loss = (np.asarray(v, np.float64) for v in (alphas, accuracy_pct, loss))
+    chord = accuracy[0] + alphas * (accuracy[-1] - accuracy[0])
+    interior = len(alphas) > 2
+    return {
+        "alphas": alphas.tolist(), "test_accuracy_pct": accuracy.tolist(),
+        "test_loss": loss.tolist(),
+        "accuracy_var_interior": float(np.var(accuracy[1:-1])) if interior else None,
+        "accuracy_var_all": float(np.var(accuracy)),
+        "accuracy_detrended_msd": (float(np.mean((accuracy - chord)[1:-1] ** 2))
+                                   if interior else None),
+        "loss_var_interior": float(np.var(loss[1:-1])) if interior else None,
+        "loss_var_all": float(np.var(loss)),
+        "accuracy_min_pct": float(accuracy.min()),
+    }
+
+
+def plot(results):
+    """Accuracy and loss against alpha: a colour per run and epoch pair, solid lines for
+    interpolated BN statistics, dashed for re-estimated ones."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = {}
+    for r in results:
+        key = (r["model"], r["workdir"], r["epoch_a"], r["epoch_b"])
+        colors.setdefault(key, f"C{len(colors)}")
+        style = "-" if r["bn_stats"] == "interpolate" else "--"
+        var = r["accuracy_var_interior"]
+        label = (f"{r['model']} ep {r['epoch_a']}->{r['epoch_b']}, BN {r['bn_stats']}"
+                 + ("" if var is None else f" (var {var:.2f})"))
+        for ax, key_ in ((ax_acc, "test_accuracy_pct"), (ax_loss, "test_loss")):
+            ax.plot(r["alphas"], r[key_], style, color=colors[key], marker="o", ms=3,
+                    label=label)
+    ax_acc.set(xlabel="alpha", ylabel="test accuracy (%)",
+               title="Between two checkpoints (var: of the interior accuracies, %²)")
+    ax_loss.set(xlabel="alpha", ylabel="test loss")
+    ax_loss.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    return fig
