@@ -4,6 +4,7 @@ sizes, channel counts that need padding and grids of several tiles; and the rule
 ``adder_conv2d(implementation="auto")`` picks an implementation."""
 
 import functools
+import re
 import sys
 import types
 
@@ -45,10 +46,11 @@ def _inputs(case, dtype, seed=0):
     return x, kernel, g, stride, padding
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _pallas_value_and_grads(x, kernel, g, stride, padding, eta, tiles=adder_pallas.Tiles()):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _pallas_value_and_grads(x, kernel, g, stride, padding, eta, tiles=adder_pallas.Tiles(),
+                            interpret=True):
     y, vjp = jax.vjp(lambda a, b: adder_pallas.adder_conv2d(
-        a, b, stride, padding, eta, tiles=tiles, interpret=True), x, kernel)
+        a, b, stride, padding, eta, tiles=tiles, interpret=interpret), x, kernel)
     return (y, *vjp(g))
 
 
@@ -201,4 +203,22 @@ def test_kernels_lower_to_triton_for_cuda():
     fn = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(
         adder_pallas.adder_conv2d(a, b, 2, 1, interpret=False)), argnums=(0, 1)))
     text = fn.trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2   # forward and input gradient
+    targets = re.findall(r"custom_call @(\S+)", text)
+    assert len([t for t in targets if "triton" in t]) == 2   # forward and input gradient
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+@pytest.mark.parametrize("index", range(len(GRID)))
+def test_compiled_gpu_kernels_match_reference(index):
+    """The kernels as Triton compiles them (not interpreted), float32 against float64.
+    Highest matmul precision: the weight gradient's XLA matmul would use TF32 otherwise."""
+    x32, k32, g32, stride, padding = _inputs(GRID[index], jnp.float32, seed=2)
+    with jax.default_matmul_precision("highest"):
+        y, dx, dw = _pallas_value_and_grads(x32, k32, g32, stride, padding, 0.2, TILES[index],
+                                            False)
+    with jax.enable_x64():
+        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x32, k32, g32))
+        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-5)
+        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, 0.2)
+        _assert_close(dx, rdx, 1e-5)
+        _assert_close(dw, rdw, 1e-5)
