@@ -14,8 +14,11 @@ Implementations (``--impl``, comma-separated): ``auto``, ``xla``, ``pallas``, ``
 ``implementation=`` of ``awn_jax.ops.adder_conv2d``); ``pallas:pixels=128:warps=8`` and the like
 (the Pallas kernels with other ``adder_pallas.Tiles``); ``naive``: the plain
 ``adder_conv2d_reference`` (unfold, broadcast, reduce; its f+b is plain ``jax.grad``, the true
-l1 gradient), only where its broadcast tensor stays under ``--reference-max-mb``. Off a GPU,
-``pallas`` runs in Pallas interpret mode (slow; for checking the script, not for timing).
+l1 gradient), only where its broadcast tensor stays under ``--reference-max-mb``;
+``conv-fp32``: lax.conv itself at ``Precision.HIGHEST``, i.e. in float32 arithmetic where the
+default may use TF32 tensor cores on a GPU (the adder has no tensor-core form, so this is the
+multiplying convolution with the adder's kind of arithmetic). Off a GPU, ``pallas`` runs in
+Pallas interpret mode (slow; for checking the script, not for timing).
 
 Correctness check (``--check-batch``, on by default): each implementation's values, input
 gradient and weight gradient (official rules, eta on) on four of the layer shapes (every
@@ -36,7 +39,7 @@ appended to ``--output``) as they are measured; ``--time-budget-s`` stops starti
 measurements once spent, so a run in a fixed time slot still reports what it finished.
 
     python bench/adder_conv.py --batch 32 256 --repeats 5
-    python bench/adder_conv.py --batch 256 --impl xla,pallas,naive --output gpu.md   # on a GPU
+    python bench/adder_conv.py --batch 256 --impl pallas,xla,naive,conv-fp32 --output gpu.md
 """
 
 from __future__ import annotations
@@ -110,18 +113,22 @@ CHECK_LAYERS = tuple(RESNET20_LAYERS[i] for i in (0, 3, 4, 6))
 
 
 class Impl(NamedTuple):
-    """A named adder implementation: ``make(stride, padding) -> f(x, kernel)``."""
+    """A named implementation: ``make(stride, padding) -> f(x, kernel)``; ``kind`` is
+    "adder" (checked against the reference), "naive" or "conv"."""
     label: str
     make: Callable
-    naive: bool = False
+    kind: str = "adder"
 
 
 def parse_impl(spec: str) -> Impl:
-    """``xla`` / ``pallas`` / ``native`` / ``auto`` / ``naive`` / ``pallas:key=value:...``."""
+    """``xla`` / ``pallas`` / ``native`` / ``auto`` / ``naive`` / ``conv-fp32`` /
+    ``pallas:key=value:...``."""
     spec = spec.strip()
     if spec == "naive":
         return Impl("naive", lambda s, p: lambda x, k: adder_conv2d_reference(x, k, s, p),
-                    naive=True)
+                    kind="naive")
+    if spec == "conv-fp32":
+        return Impl(spec, lambda s, p: conv_fn(s, p, lax.Precision.HIGHEST), kind="conv")
     if spec.startswith("pallas:"):
         fields = dict(item.split("=", 1) for item in spec[len("pallas:"):].split(":"))
         tiles = adder_pallas.Tiles(**{key: int(value) for key, value in fields.items()})
@@ -133,10 +140,10 @@ def parse_impl(spec: str) -> Impl:
                                                                implementation=spec))
 
 
-def conv_fn(layer: Layer):
-    s, p = layer.stride, layer.padding
+def conv_fn(stride: int, padding: int, precision=None):
     return lambda x, kernel: lax.conv_general_dilated(
-        x, kernel, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, kernel, (stride, stride), [(padding, padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
 
 
 def fwd_bwd(forward):
@@ -230,7 +237,7 @@ def check(impls, batch: int, report: Report) -> set[str]:
         x, kernel, ct = make_inputs(layer, batch, seed=1)
         expected = reference_float64(layer, x, kernel, ct)
         for impl in impls:
-            if impl.naive or impl.label in failed:
+            if impl.kind != "adder" or impl.label in failed:
                 continue
             forward = impl.make(layer.stride, layer.padding)
 
@@ -260,7 +267,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--impl", default="auto",
                         help="comma-separated implementations: auto, xla, pallas, native, "
-                             "naive, pallas:pixels=..:channels=..:accumulator=..:warps=..")
+                             "naive, conv-fp32, "
+                             "pallas:pixels=..:channels=..:accumulator=..:warps=..")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-sample-ms", type=float, default=20.0,
                         help="a sample averages back-to-back calls until it lasts this long")
@@ -295,7 +303,7 @@ def main():
 
     report("## Speed: times in ms (median of samples); ratio = implementation / lax.conv\n")
     report("| layer | N | impl | fwd | conv fwd | fwd ratio | f+b | conv f+b | f+b ratio "
-           "| fwd G abs-diff/s |")
+           "| fwd G abs-diff/s (MAC/s for conv) |")
     report("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     skipped = []
     for batch in args.batch:
@@ -304,17 +312,17 @@ def main():
                 skipped.append(f"{layer.name()} N={batch} (time budget)")
                 continue
             inputs = make_inputs(layer, batch)
-            conv = conv_fn(layer)
+            conv = conv_fn(layer.stride, layer.padding)
             conv_fwd = time_ms(jax.jit(conv), inputs[:2], args.repeats, args.min_sample_ms)
             conv_fb = time_ms(jax.jit(fwd_bwd(conv)), inputs, args.repeats,
                               args.min_sample_ms)
             for impl in impls:
                 if impl.label in failed:
                     continue
-                if impl.naive and layer.broadcast_bytes(batch) > args.reference_max_mb * 2**20:
+                broadcast = layer.broadcast_bytes(batch)
+                if impl.kind == "naive" and broadcast > args.reference_max_mb * 2 ** 20:
                     skipped.append(f"naive {layer.name()} N={batch} "
-                                   f"({layer.broadcast_bytes(batch) / 2 ** 30:.1f} GiB "
-                                   f"broadcast)")
+                                   f"({broadcast / 2 ** 30:.1f} GiB broadcast)")
                     continue
                 if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
                     skipped.append(f"{impl.label} {layer.name()} N={batch} (time budget)")
@@ -337,7 +345,8 @@ def main():
 
     report()
     report("naive = adder_conv2d_reference (unfold, broadcast, reduce), its f+b by plain "
-           "jax.grad; the others use the official backward with eta=0.2.")
+           "jax.grad; conv-fp32 = lax.conv at Precision.HIGHEST; the adder implementations "
+           "use the official backward with eta=0.2. conv = lax.conv at default precision.")
     if skipped:
         report("skipped: " + "; ".join(skipped))
     report(f"end: {machine_info()}; {time.perf_counter() - start:.0f} s")
