@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from awn_jax.ops import adder_conv2d
-from awn_jax.ops import reference
+from awn_jax.ops import adder, reference
+
+# This file tests the XLA implementation; the Pallas and native kernels have their own files
+# with the same checks.
+adder_conv2d = functools.partial(adder.adder_conv2d, implementation="xla")
 
 # Compiled once per shape: op-by-op dispatch of the unrolled taps is what is slow here.
 adder_conv2d_reference = jax.jit(reference.adder_conv2d_reference, static_argnums=(2, 3))
@@ -143,3 +146,12 @@ def test_bfloat16_inputs():
 def test_bad_input_gives_a_clear_error(x_shape, k_shape, kwargs, message):
     with pytest.raises(ValueError, match=message):
         adder_conv2d(jnp.zeros(x_shape), jnp.zeros(k_shape), **kwargs)
+
+
+def test_environment_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv(adder.IMPLEMENTATION_ENV, "pallas")
+    assert adder.resolve_implementation("auto") == "pallas"
+    assert adder.resolve_implementation("xla") == "xla"
+    monkeypatch.setenv(adder.IMPLEMENTATION_ENV, "cuda")
+    with pytest.raises(ValueError, match="AWN_JAX_ADDER_IMPLEMENTATION"):
+        adder.resolve_implementation("auto")

@@ -28,6 +28,7 @@ else xla (see :func:`resolve_implementation`).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -216,12 +217,19 @@ def _native_module():
     return adder_native if adder_native.is_available() else None
 
 
+# Overrides "auto" for a whole process (e.g. to evaluate saved runs with another kernel).
+IMPLEMENTATION_ENV = "AWN_JAX_ADDER_IMPLEMENTATION"
+
+
 def resolve_implementation(implementation: str = "auto") -> str:
-    """The implementation ``adder_conv2d`` runs: ``"auto"`` is pallas when JAX's default
-    backend is a GPU, native on CPU where it is available, xla otherwise."""
+    """The implementation ``adder_conv2d`` runs: ``"auto"`` is ``$AWN_JAX_ADDER_IMPLEMENTATION``
+    when set, else pallas when JAX's default backend is a GPU, native on CPU where it is
+    available, xla otherwise."""
+    if implementation == "auto":
+        implementation = os.environ.get(IMPLEMENTATION_ENV) or "auto"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"adder_conv2d: implementation must be one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
+                         f"got {implementation!r} (argument or ${IMPLEMENTATION_ENV})")
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
