@@ -40,9 +40,10 @@
 # ## 0. Install
 #
 # Inside a clone of the repository, `pip install -e .` from its root is all it takes; the
-# next cell does that for you if `awn_jax` cannot be imported. On Colab it first clones
+# next cell runs it for you when the dependencies are missing. On Colab it first clones
 # `REPO_URL`: the notebook uses the repository's `configs/` (the training recipes), which
 # `pip install git+<REPO_URL>` alone would not bring (it installs the `awn_jax` package only).
+# If Colab asks to restart the runtime after the install, restart and run the cells again.
 
 # %%
 REPO_URL = "https://github.com/OWNER/awn-jax.git"  # <- EDIT: where your copy of the repository lives
@@ -58,8 +59,9 @@ IN_COLAB = "google.colab" in sys.modules
 
 
 def find_repo_root():
-    """The clone this notebook runs from: the working directory or one of its parents."""
-    for path in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents):
+    """The clone: the working directory, one of its parents, or ./awn-jax (Colab's clone)."""
+    cwd = pathlib.Path.cwd()
+    for path in (cwd, *cwd.parents, cwd / "awn-jax"):
         if (path / "awn_jax").is_dir() and (path / "configs").is_dir():
             return path
     return None

@@ -70,7 +70,7 @@ def test_quickstart_counts_only_stem_and_classifier_as_multiplications(quickstar
 
 
 @pytest.mark.slow
-def test_quickstart_one_weight_gradients_are_adderNets_and_the_true_ones(quickstart):
+def test_quickstart_one_weight_gradients_follow_addernet_and_true_l1_rules(quickstart):
     grads = quickstart["one_weight_grads"]
     x, w = np.asarray(grads["x"]), grads["w"]
     away = np.abs(x - w) > 1e-6  # the l1 derivative is undefined at x == w
