@@ -71,7 +71,7 @@ def save_figure(fig, output_dir: str, stem: str) -> str:
 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{stem}.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -16,9 +16,10 @@ def _jumps(values) -> dict:
     """Epoch-to-epoch changes: the paper's "fluctuation" of a test curve in numbers."""
     steps = np.diff(np.asarray(values, dtype=np.float64))
     if not len(steps):
-        return {"mean_abs_change": None, "max_increase": None, "max_decrease": None}
+        return {"mean_abs_change": None, "largest_rise": None, "largest_fall": None}
     return {"mean_abs_change": float(np.mean(np.abs(steps))),
-            "max_increase": float(steps.max()), "max_decrease": float(-steps.min())}
+            "largest_rise": float(max(steps.max(), 0.0)),
+            "largest_fall": float(max(-steps.min(), 0.0))}
 
 
 def collect(workdirs) -> list[dict]:

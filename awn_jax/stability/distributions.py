@@ -269,6 +269,7 @@ def plot_features(results):
                 ax.stairs(h["density"], h["edges"], label=f"epoch {h['epoch']}")
             ax.set(title=f"{r['model']} {layer}", xlabel="feature before BN")
             ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
