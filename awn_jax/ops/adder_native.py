@@ -5,8 +5,8 @@ Same function and gradients as :func:`awn_jax.ops.adder.adder_conv2d`: forward
 gradient with adaptive scaling (``eta``). The forward and the input gradient, the two
 subtract-abs/clip reductions that XLA:CPU does not vectorize well, and the patch term
 ``P^T g`` of the weight gradient run in register-blocked vector loops on XLA's intra-op
-thread pool (the native weight gradient measured 2-4x faster than the per-tap XLA matrix
-products of ``adder._weight_grad``, see ``bench/RESULTS.md``).
+thread pool (the native weight gradient measured about 3x faster than the per-tap XLA
+matrix products of ``adder._weight_grad`` on 3x3 layers, see ``bench/RESULTS.md``).
 
 The C++ source is compiled on first use with the system compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; ``-O3 -march=native``) into a cache directory

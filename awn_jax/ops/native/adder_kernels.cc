@@ -1,18 +1,21 @@
 // Adder convolution kernels for XLA:CPU, called from JAX through the typed XLA FFI.
 //
-//   forward:    y[p, co] = -sum_{tap, ci} |x[p + tap, ci] - w[tap, ci, co]|
-//   input grad: dx[q, ci] = sum_{(p, tap) reading q} sum_co g[p, co] clip(w[tap, ci, co] - x[q, ci], -1, 1)
+//   forward:     y[p, co] = -sum_{tap, ci} |x[p + tap, ci] - w[tap, ci, co]|
+//   input grad:  dx[q, ci] = sum_{(p, tap) reading q} sum_co g[p, co] *
+//                            clip(w[tap, ci, co] - x[q, ci], -1, 1)
+//   weight grad: pw[tap, ci, co] = sum_p x[p + tap, ci] g[p, co]  (caller subtracts w * sum g)
 //
-// (p: output pixel, q: input pixel, taps reading outside the input see zeros.) Both are
-// register-blocked loops over 32-byte vectors (GCC/Clang vector extensions, so the same
-// source builds for AVX2, NEON or plain SSE): R pixels x CV vectors of accumulators stay in
-// registers while the reduction streams through the weights. The forward vectorizes over
-// output channels (HWIO weights are contiguous there), the input gradient over input
-// channels (weights passed as (tap, cout, cin)), gathering over the taps that read each
-// input pixel so that no two threads ever write the same output.
+// (p: output pixel, q: input pixel; taps reading outside the input see zeros.) All three are
+// register-blocked loops over 32-byte vectors written with GCC/Clang vector extensions (AVX
+// intrinsics only where the generic code compiles badly; other targets get the generic
+// code, untested): a block of accumulators stays in registers while the reduction streams
+// through the data. The forward and the weight gradient vectorize over output channels
+// (contiguous in HWIO weights and in g), the input gradient over input channels (weights
+// passed as (tap, cout, cin)), gathering over the taps that read each input pixel so that
+// no two threads write the same output.
 //
 // Channel counts on the vector axis must be multiples of the vector width; the Python side
-// pads them with zeros (exact: a zero channel adds |0 - 0| = 0 and clip(0) = 0).
+// pads them with zeros (exact: a zero channel adds |0 - 0| = 0, clip(0) = 0 and 0 * g = 0).
 
 #include <algorithm>
 #include <atomic>
