@@ -18,6 +18,11 @@ the pure-XLA path. ``AWN_JAX_NATIVE=0`` turns the native path off.
 
 float32 and float64 run natively; other floating dtypes are computed in float32 and cast
 back, as ``adder.py`` accumulates them in float32 anyway.
+
+The FFI calls have no partitioning rule: under a batch sharding over several devices
+(``train.py``'s data-parallel mesh) XLA gathers the whole batch onto every device and each
+computes all of it. Results are right, but on a multi-device CPU mesh the pure-XLA path
+(which XLA partitions) does less work.
 """
 
 from __future__ import annotations
