@@ -181,7 +181,8 @@ def _pad_axis(a, axis, multiple):
 
 
 def _forward(x, kernel, stride, padding):
-    """The native forward in ``dtype`` (float32/float64); cout padded to the vector width."""
+    """The native forward of float32 or float64 x and kernel; cout padded to the vector
+    width."""
     dtype = _compute_dtype(x.dtype)
     kh, kw, _, cout = kernel.shape
     n, h, w, _ = x.shape
