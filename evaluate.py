@@ -32,7 +32,8 @@ _STUDY = flags.DEFINE_string("study", "table", "table | eps-sweep | steps-sweep 
 _ATTACK = flags.DEFINE_string(
     "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
     "The sweeps are PGD; the batch study uses this one attack (default pgd).")
-_BN_MODE = flags.DEFINE_string("bn-mode", "all", "tracked | running-mean | running | all.")
+_BN_MODE = flags.DEFINE_list("bn-mode", ["all"], "tracked | running-mean | running, or a "
+                             "comma-separated list of them, or all.")
 _EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).")
 _STEPS = flags.DEFINE_integer("steps", None, "Iterations (default: per attack, as the paper).")
 _STEP_SIZE = flags.DEFINE_float("step-size", None, "Step size (default 2/255).")
@@ -80,7 +81,7 @@ def main(argv):
     if _STUDY.value in ("eps-sweep", "steps-sweep") and attack != "pgd":
         raise ValueError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
     bn_modes = studies.check_bn_modes(
-        robustness.EVAL_BN_MODES if _BN_MODE.value == "all" else (_BN_MODE.value,))
+        robustness.EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
     workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
     if not workdirs:
         raise ValueError("pass --workdir (or --config to use its workdir)")

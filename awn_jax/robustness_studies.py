@@ -38,10 +38,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from awn_jax import attacks
 from awn_jax.robustness import EVAL_BN_MODES
@@ -140,6 +142,7 @@ class Evaluator:
         groups = max(1, self.chunk_size // batch_size)
         num_batches = len(images) // batch_size
         base = jax.random.key(seed)
+        start = time.perf_counter()
         out = []
         for first in range(0, num_batches, groups):
             count = min(groups, num_batches - first)
@@ -151,6 +154,10 @@ class Evaluator:
                 jnp.asarray(images[rows]).reshape(count, batch_size, *images.shape[1:]),
                 jnp.asarray(labels[rows]).reshape(count, batch_size), keys,
                 settings["eps"], settings["step_size"])))
+        logging.info("%s: %d examples, batch %d, BN %s, attack %s %s, attacked %s, crafted "
+                     "under %s: %.1f s", run_label(self.run), len(images), batch_size, bn_mode,
+                     attack, settings, attacked, attack_bn_mode or bn_mode,
+                     time.perf_counter() - start)
         return np.concatenate(out)
 
     def accuracy(self, images, labels, **kwargs) -> float:

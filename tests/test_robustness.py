@@ -202,7 +202,7 @@ def test_sweeps_write_tables_and_plots(evaluator, tmp_path):
 
 def test_batch_study_partitions_and_threat_models(evaluator, tmp_path):
     study = studies.batch_study(evaluator, ["tracked", "running-mean"], num_examples=64,
-                                batch_sizes=(1, 16), batch_size=8, partitions=3,
+                                batch_sizes=(8,), batch_size=8, partitions=3,
                                 attacked=(1, 8), max_passes=2, attack="fgsm")
     assert study["num_examples"] == 64
     shuffle = {row["bn_mode"]: row for row in study["shuffle"]}
