@@ -155,3 +155,13 @@ def test_environment_overrides_auto_only(monkeypatch):
     monkeypatch.setenv(adder.IMPLEMENTATION_ENV, "cuda")
     with pytest.raises(ValueError, match="AWN_JAX_ADDER_IMPLEMENTATION"):
         adder.resolve_implementation("auto")
+
+
+
+def test_auto_is_xla_on_several_devices(monkeypatch):
+    monkeypatch.delenv(adder.IMPLEMENTATION_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert adder.resolve_implementation("auto") == "xla"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert adder.resolve_implementation("auto") == "pallas"

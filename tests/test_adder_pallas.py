@@ -150,6 +150,7 @@ def _fake_native(available, calls):
 def test_auto_picks_pallas_on_gpu_native_on_cpu_else_xla(monkeypatch, backend, native,
                                                          expected):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
     # None in sys.modules makes `import` raise ImportError, as when the module is missing.
     monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native",
                         None if native == "absent" else _fake_native(native == "available", []))
@@ -174,6 +175,7 @@ def test_dispatch_calls_the_chosen_implementation(monkeypatch):
     # here, on CPU, in interpret mode.
     expected = adder.adder_conv2d(x, kernel, stride, padding, implementation="xla")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
     monkeypatch.setenv("AWN_PALLAS_INTERPRET", "1")
     y = jax.jit(lambda a, b: adder.adder_conv2d(a, b, stride, padding))(x, kernel)
     assert "pallas_call" in str(jax.make_jaxpr(

@@ -21,8 +21,10 @@ one matrix product per tap.
 Implementations (``adder_conv2d(..., implementation=...)``), all with the same semantics and
 tests: ``"xla"`` (this module), ``"pallas"`` (:mod:`awn_jax.ops.adder_pallas`, GPU kernels,
 interpreted on CPU), ``"native"`` (:mod:`awn_jax.ops.adder_native`, a compiled CPU kernel,
-when built). ``"auto"`` picks pallas on a GPU backend, native on CPU where it is available,
-else xla (see :func:`resolve_implementation`).
+when built). ``"auto"`` picks pallas on a single GPU, native on a CPU where it is built,
+else xla; with several devices it picks xla, which XLA partitions over a data-parallel
+mesh while the custom calls of the kernels would run the whole batch on every device
+(see :func:`resolve_implementation`).
 """
 
 from __future__ import annotations
@@ -223,8 +225,8 @@ IMPLEMENTATION_ENV = "AWN_JAX_ADDER_IMPLEMENTATION"
 
 def resolve_implementation(implementation: str = "auto") -> str:
     """The implementation ``adder_conv2d`` runs: ``"auto"`` is ``$AWN_JAX_ADDER_IMPLEMENTATION``
-    when set, else pallas when JAX's default backend is a GPU, native on CPU where it is
-    available, xla otherwise."""
+    when set, else xla when JAX sees several devices (the kernels are not partitioned yet),
+    pallas on a single GPU, native on a CPU where it is built, xla otherwise."""
     if implementation == "auto":
         implementation = os.environ.get(IMPLEMENTATION_ENV) or "auto"
     if implementation not in IMPLEMENTATIONS:
@@ -232,6 +234,10 @@ def resolve_implementation(implementation: str = "auto") -> str:
                          f"got {implementation!r} (argument or ${IMPLEMENTATION_ENV})")
     if implementation != "auto":
         return implementation
+    if jax.device_count() > 1:
+        # XLA cannot partition the Pallas/FFI custom calls: under a data-parallel batch
+        # sharding it would gather the batch and run the whole of it on every device.
+        return "xla"
     backend = jax.default_backend()
     if backend == "gpu":
         return "pallas"
