@@ -31,7 +31,8 @@ _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Training workdir(s); one
 _STUDY = flags.DEFINE_string("study", "table", "table | eps-sweep | steps-sweep | batch.")
 _ATTACK = flags.DEFINE_string(
     "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
-    "The sweeps are PGD; the batch study uses this one attack (default pgd).")
+    "The sweeps are PGD; the batch study uses this one attack (default pgd) at the "
+    "paper's settings (--eps/--steps/--step-size are for the table and the sweeps).")
 _BN_MODE = flags.DEFINE_list("bn-mode", ["all"], "tracked | running-mean | running, or a "
                              "comma-separated list of them, or all.")
 _EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).")
