@@ -8,7 +8,6 @@ when the dataset is missing, with TensorFlow kept off the accelerators.
 import dataclasses
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 
 from awn_jax.data import pipeline, transforms
@@ -52,6 +51,8 @@ def load(config):
 
 def _prepared_builder(name, data_dir):
     """The dataset's builder, downloading and preparing it (as ArrayRecord) when missing."""
+    import tensorflow_datasets as tfds  # here: image folders and synthetic data need no TFDS
+
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         logging.info("Preparing TFDS dataset %s in %s", name, builder.data_dir)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The checks of one short GPU session (H100/H200 lent through the workplace's device tool),
+# kept so the numbers in bench/RESULTS.md and docs/ROBUSTNESS.md can be traced to a command.
+#
+#   PHASES="1 2 3" bash bench/gpu_checks.sh OUT_DIR DATA_DIR WORKDIR...
+#
+# The GPU machine has JAX with CUDA, flax, optax, orbax and chex but not ml_collections or
+# tensorboardX: those travel as wheels in .whl/core (pip download --no-deps); its own
+# flax/optax/orbax are used. Phases:
+#   1. kernels (alone on the GPU, for clean timings): correctness of every adder
+#      implementation against the float64 reference, then the ResNet-20 layer timings;
+#   2. train steps (alone): images/s of CNN / ANN / ANN-WS / ANN-AWN ResNet-20 steps;
+#   3. evaluation of the CPU-trained runs in WORKDIR... from the test images in DATA_DIR,
+#      in parallel processes (compilation is CPU-bound, the GPU mostly idle): the Table-1
+#      attacks x BN modes, the batch study and the two PGD sweeps.
+# Each step has its own time limit, so a slow step loses only its own results.
+set -u
+out=$1 data=$2; shift 2
+mkdir -p "$out/eval"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/core/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+log() { echo "=== $(date +%T) $*"; }
+
+log versions
+nvidia-smi -L
+python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+phases=${PHASES:-1 2 3}
+if [[ $phases == *1* ]]; then
+log "phase 1: adder kernels"
+timeout 150 python3 bench/adder_conv.py --batch 256 \
+  --impl pallas,xla,conv-fp32,naive,pallas:pixels=128:warps=8 --repeats 3 \
+  --reference-max-mb 4096 --check-batch 2 --time-budget-s 120 --output "$out/adder_conv_gpu.md"
+
+fi
+if [[ $phases == *2* ]]; then
+log "phase 2: train steps"
+timeout 75 python3 bench/train_step.py --batch 128 --repeats 5 \
+  --layer-types conv adder adder-awn > "$out/train_step_gpu.txt" 2>&1
+cat "$out/train_step_gpu.txt"
+
+fi
+if [[ $phases == *3* ]]; then
+log "phase 3: evaluation (parallel processes)"
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_adder_pallas.py \
+  -k compiled_gpu > "$out/eval/pytest_compiled_gpu.log" 2>&1 &
+evaluate() { local name=$1; shift
+  timeout 240 python3 evaluate.py --data-dir "$data" --output-dir "$out/eval/$name" "$@" \
+    > "$out/eval/$name.log" 2>&1; echo "$name: exit $?"; }
+runs=(); for w in "$@"; do
+  runs+=(--workdir "$w"); run=$(basename "$w")
+  # One process per run and study: a process that overruns loses only its own results.
+  evaluate "table_$run" --workdir "$w" --study table --attack all --bn-mode all \
+    --num-examples 5000 &
+  evaluate "batch_$run" --workdir "$w" --study batch --bn-mode tracked,running-mean \
+    --num-examples 2048 &
+done
+evaluate eps_sweep "${runs[@]}" --study eps-sweep --bn-mode tracked,running-mean \
+  --num-examples 1000 &
+evaluate steps_sweep "${runs[@]}" --study steps-sweep --bn-mode tracked,running-mean \
+  --num-examples 1000 &
+wait
+tail -n 25 "$out"/eval/*.log
+tar czf "$out/eval.tgz" -C "$out" eval && rm -rf "$out/eval"
+fi
+log done
