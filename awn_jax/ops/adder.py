@@ -189,25 +189,33 @@ def adaptive_gradient_scale(grad, eta):
     return (grad * scale).astype(grad.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adder_conv2d(x, kernel, stride, padding, eta):
-    return _forward(x, kernel, stride, padding)
+def adder_vjp(forward, input_grad, weight_grad):
+    """The adder op with AdderNet's backward, from one implementation's three pieces:
+    ``forward(x, kernel, stride, padding)``, ``input_grad(x, kernel, g, stride, padding)``
+    (HardTanh rule) and ``weight_grad(x, kernel, g, stride, padding)`` (full precision,
+    unscaled). The adaptive scaling is applied here, once, the same for every
+    implementation. Returns ``op(x, kernel, stride, padding, eta)``."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+    def op(x, kernel, stride, padding, eta):
+        return forward(x, kernel, stride, padding)
+
+    def op_fwd(x, kernel, stride, padding, eta):
+        return forward(x, kernel, stride, padding), (x, kernel)
+
+    def op_bwd(stride, padding, eta, residuals, g):
+        x, kernel = residuals
+        dx = input_grad(x, kernel, g, stride, padding)
+        dw = weight_grad(x, kernel, g, stride, padding)
+        if eta is not None:
+            dw = adaptive_gradient_scale(dw, eta)
+        return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
 
 
-def _adder_conv2d_fwd(x, kernel, stride, padding, eta):
-    return _forward(x, kernel, stride, padding), (x, kernel)
-
-
-def _adder_conv2d_bwd(stride, padding, eta, residuals, g):
-    x, kernel = residuals
-    dx = _input_grad(x, kernel, g, stride, padding)
-    dw = _weight_grad(x, kernel, g, stride, padding)
-    if eta is not None:
-        dw = adaptive_gradient_scale(dw, eta)
-    return dx.astype(x.dtype), dw.astype(kernel.dtype)
-
-
-_adder_conv2d.defvjp(_adder_conv2d_fwd, _adder_conv2d_bwd)
+_adder_conv2d = adder_vjp(_forward, _input_grad, _weight_grad)
 
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "native")

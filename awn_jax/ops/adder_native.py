@@ -28,7 +28,6 @@ computes all of it. Results are right, but on a multi-device CPU mesh the pure-X
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awn_jax.ops import adder
-from awn_jax.ops.adder import _check_args, adaptive_gradient_scale, output_size
+from awn_jax.ops.adder import _check_args, output_size
 
 _log = logging.getLogger(__name__)
 
@@ -226,25 +225,7 @@ def _weight_grad(x, kernel, g, stride, padding):
     return patches_t_g[..., :cout] - kernel * jnp.sum(g, axis=(0, 1, 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _adder_conv2d(x, kernel, stride, padding, eta):
-    return _forward(x, kernel, stride, padding)
-
-
-def _adder_conv2d_fwd(x, kernel, stride, padding, eta):
-    return _forward(x, kernel, stride, padding), (x, kernel)
-
-
-def _adder_conv2d_bwd(stride, padding, eta, residuals, g):
-    x, kernel = residuals
-    dx = _input_grad(x, kernel, g, stride, padding)
-    dw = _weight_grad(x, kernel, g, stride, padding)
-    if eta is not None:
-        dw = adaptive_gradient_scale(dw, eta)
-    return dx, dw.astype(kernel.dtype)
-
-
-_adder_conv2d.defvjp(_adder_conv2d_fwd, _adder_conv2d_bwd)
+_adder_conv2d = adder.adder_vjp(_forward, _input_grad, _weight_grad)
 
 
 def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2):
