@@ -9,16 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from awn_jax.ops import adder, reference
+from awn_jax.ops import adder
+from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
+from adder_cases import inputs as _inputs
 
 # This file tests the XLA implementation; the Pallas and native kernels have their own files
 # with the same checks.
 adder_conv2d = functools.partial(adder.adder_conv2d, implementation="xla")
 
-# Compiled once per shape: op-by-op dispatch of the unrolled taps is what is slow here.
-adder_conv2d_reference = jax.jit(reference.adder_conv2d_reference, static_argnums=(2, 3))
-adder_conv2d_reference_grads = jax.jit(reference.adder_conv2d_reference_grads,
-                                       static_argnums=(3, 4, 5))
 
 # (batch, height, width, cin, cout, kernel_size, stride, padding)
 GRID = [
@@ -31,17 +29,6 @@ GRID = [
     (1, 5, 6, 3, 3, 1, 1, 1),
     (2, 10, 10, 16, 8, 3, 2, 1),
 ]
-
-
-def _inputs(case, dtype, seed=0):
-    n, h, w, cin, cout, k, stride, padding = case
-    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (n, h, w, cin), dtype)
-    kernel = jax.random.normal(kw, (k, k, cin, cout), dtype)
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (w + 2 * padding - k) // stride + 1
-    g = jax.random.normal(kg, (n, ho, wo, cout), dtype)
-    return x, kernel, g, stride, padding
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
@@ -155,7 +142,6 @@ def test_environment_overrides_auto_only(monkeypatch):
     monkeypatch.setenv(adder.IMPLEMENTATION_ENV, "cuda")
     with pytest.raises(ValueError, match="AWN_JAX_ADDER_IMPLEMENTATION"):
         adder.resolve_implementation("auto")
-
 
 
 def test_auto_is_xla_on_several_devices(monkeypatch):

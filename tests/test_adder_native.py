@@ -17,14 +17,13 @@ import pytest
 
 from awn_jax.ops import adder_native
 from awn_jax.ops import reference
+from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
+from adder_cases import inputs as _inputs
 
 needs_native = pytest.mark.skipif(
     not adder_native.is_available(),
     reason=f"native adder kernels unavailable: {adder_native.unavailable_reason()}")
 
-adder_conv2d_reference = jax.jit(reference.adder_conv2d_reference, static_argnums=(2, 3))
-adder_conv2d_reference_grads = jax.jit(reference.adder_conv2d_reference_grads,
-                                       static_argnums=(3, 4, 5))
 
 # (batch, height, width, cin, cout, kernel_size, stride, padding). Channel counts cover
 # multiples of the vector width (8 float32 / 4 float64 lanes) and of the register blocks
@@ -41,17 +40,6 @@ GRID = [
     (1, 7, 7, 13, 24, 1, 2, 0),
     (2, 4, 5, 8, 9, 3, 1, 2),   # padding wider than the kernel reach: all-zero taps
 ]
-
-
-def _inputs(case, dtype, seed=0):
-    n, h, w, cin, cout, k, stride, padding = case
-    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (n, h, w, cin), dtype)
-    kernel = jax.random.normal(kw, (k, k, cin, cout), dtype)
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (w + 2 * padding - k) // stride + 1
-    g = jax.random.normal(kg, (n, ho, wo, cout), dtype)
-    return x, kernel, g, stride, padding
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))

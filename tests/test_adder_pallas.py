@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from awn_jax.ops import adder, adder_pallas, reference
+from awn_jax.ops import adder, adder_pallas
+from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
+from adder_cases import inputs as _inputs
 
-adder_conv2d_reference = jax.jit(reference.adder_conv2d_reference, static_argnums=(2, 3))
-adder_conv2d_reference_grads = jax.jit(reference.adder_conv2d_reference_grads,
-                                       static_argnums=(3, 4, 5))
 
 # (batch, height, width, cin, cout, kernel_size, stride, padding). The default tiles are 64
 # pixels x 32 channels; SMALL tiles make small shapes span several tiles and chunks.
@@ -33,17 +32,6 @@ GRID = [
 SMALL = adder_pallas.Tiles(pixels=16, channels=4, accumulator=128, warps=1)
 TILES = [adder_pallas.Tiles(), SMALL, adder_pallas.Tiles(), SMALL, SMALL,
          adder_pallas.Tiles()]
-
-
-def _inputs(case, dtype, seed=0):
-    n, h, w, cin, cout, k, stride, padding = case
-    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (n, h, w, cin), dtype)
-    kernel = jax.random.normal(kw, (k, k, cin, cout), dtype)
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (w + 2 * padding - k) // stride + 1
-    g = jax.random.normal(kg, (n, ho, wo, cout), dtype)
-    return x, kernel, g, stride, padding
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
