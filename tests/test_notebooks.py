@@ -1,7 +1,8 @@
 """The notebooks: each .ipynb is its .py twin (jupytext, outputs stripped), and the
-quickstart runs top to bottom in its small mode and computes what it says it does.
+quickstart and reproduce_paper run top to bottom in their small mode and compute what they
+say they do.
 
-The quickstart runs in a subprocess, as a user's kernel would: with JAX's default single
+Each notebook runs in a subprocess, as a user's kernel would: with JAX's default single
 CPU device (not the 8 fake devices of conftest.py), the non-interactive Agg backend and
 a temporary workdir. It leaves its numbers in a ``summary`` dict, which is checked here.
 """
@@ -118,3 +119,130 @@ def test_quickstart_pgd_sweep(quickstart):
         assert values[0] > 0.6, mode  # clean accuracy of a model that learned
         assert values[-1] <= values[0], mode  # maximizing the loss does not raise accuracy
     assert accuracy["tracked"][-1] < accuracy["tracked"][0]  # and this one hurts
+
+
+# ---------------------------------------------------------------------------------------
+# reproduce_paper: the whole paper pipeline in its small mode (synthetic 8x8 data).
+
+
+@pytest.fixture(scope="module")
+def reproduce(tmp_path_factory):
+    """reproduce_paper's `summary`, from one run in small mode."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    env = {**os.environ, "AWN_REPRODUCE_MODE": "small",
+           "AWN_REPRODUCE_WORKDIR": str(tmp / "workdirs"), "MPLBACKEND": "Agg",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(NOTEBOOKS / "reproduce_paper.py"),
+         str(tmp / "summary.json")],
+        cwd=NOTEBOOKS, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"reproduce_paper failed:\n{result.stderr[-6000:]}"
+    summary = json.loads((tmp / "summary.json").read_text())
+    summary["_workdir"] = str(tmp / "workdirs")
+    return summary
+
+
+LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")
+BN_MODES = ("tracked", "running-mean", "running")
+
+
+@pytest.mark.slow
+def test_reproduce_trains_the_four_runs(reproduce):
+    assert reproduce["mode"] == "small"
+    assert set(reproduce["train"]) == set(LAYER_TYPES)
+    for layer_type, history in reproduce["train"].items():
+        assert [m["epoch"] for m in history] == [1, 2], layer_type
+        assert all(np.isfinite(m["train_loss"]) for m in history), layer_type
+    # the CNN learns the synthetic classes within 2 epochs (10 classes: chance is 0.1)
+    assert reproduce["train"]["conv"][-1]["test_accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_reproduce_table1_grid(reproduce):
+    table = reproduce["table1"]
+    assert table["attacks"] == ["pgd"]
+    rows = table["rows"]
+    assert sorted((r["layer_type"], r["bn_mode"]) for r in rows) == sorted(
+        (t, m) for t in LAYER_TYPES for m in BN_MODES)
+    names = {(r["layer_type"], r["bn_mode"]): r["paper_name"] for r in rows}
+    assert names["adder-awn", "running-mean"] == "ANN-R-AWN"
+    assert names["adder-ws", "running"] == "ANN-r-WS" and names["conv", "tracked"] == "CNN"
+    for r in rows:
+        assert r["num_examples"] == 128
+        assert 0.0 <= r["pgd"] <= 1.0 and 0.0 <= r["clean"] <= 1.0
+        if r["bn_mode"] == "tracked":  # per-image logits: maximizing the loss cannot help
+            assert r["pgd"] <= r["clean"], r
+    conv_tracked = next(r for r in rows if r["layer_type"] == "conv" and r["bn_mode"] == "tracked")
+    assert conv_tracked["pgd"] < conv_tracked["clean"]  # and on a model that learned, it hurts
+    # #Mul/#Add of the 8x8 runs: adder layers replace all but the stem's and classifier's
+    # multiplications by two additions each
+    cost = {r["layer_type"]: (r["mul"], r["add"]) for r in rows}
+    assert cost["adder"] == cost["adder-ws"] == cost["adder-awn"]
+    assert cost["adder"][0] == 3 * 3 * 3 * 16 * 8 * 8 + 64 * 10
+    assert cost["adder"][1] == cost["adder"][0] + 2 * (cost["conv"][0] - cost["adder"][0])
+    counts = reproduce["counts_32x32"]
+    assert counts["conv"]["mul"] == pytest.approx(40.81e6, rel=1e-3)
+    assert counts["adder"]["mul"] == 3 * 3 * 3 * 16 * 32 * 32 + 64 * 10
+    # Table 3 is the WS/AWN rows under the two batch modes, taken from the same grid
+    assert sorted(r["paper_name"] for r in reproduce["table3"]) == [
+        "ANN-R-AWN", "ANN-R-WS", "ANN-r-AWN", "ANN-r-WS"]
+    assert all(r in rows for r in reproduce["table3"])
+    written = json.loads((pathlib.Path(reproduce["_workdir"]) / "robustness.json").read_text())
+    assert len(written) == 12
+
+
+@pytest.mark.slow
+def test_reproduce_sweeps(reproduce):
+    eps_rows, steps_rows = reproduce["eps_sweep"], reproduce["steps_sweep"]
+    assert [r["eps"] for r in eps_rows] == pytest.approx([0.01, 0.05, 0.1])
+    assert all(r["step_size"] == pytest.approx(r["eps"] / 7) for r in eps_rows)
+    assert [r["steps"] for r in steps_rows] == [1, 2]
+    for r in eps_rows + steps_rows:
+        assert r["run"] == "adder-awn" and r["bn_mode"] == "running-mean"
+        assert 0.0 <= r["accuracy"] <= 1.0
+    # the sweeps' clean accuracy is the Table-1 row's: same model, images, batch and mode
+    table = {(r["layer_type"], r["bn_mode"]): r for r in reproduce["table1"]["rows"]}
+    assert eps_rows[0]["clean"] == pytest.approx(table["adder-awn", "running-mean"]["clean"])
+
+
+@pytest.mark.slow
+def test_reproduce_interpolation_ends_are_the_checkpoints(reproduce):
+    results = reproduce["interpolation"]
+    assert [r["model"] for r in results] == ["ANN", "ANN-AWN"]
+    for r, layer_type in zip(results, ("adder", "adder-awn")):
+        assert (r["epoch_a"], r["epoch_b"]) == (1, 2) and r["bn_stats"] == "interpolate"
+        assert r["alphas"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+        # BN tracked scores each image alone, so the ends are the per-epoch test accuracies
+        history = reproduce["train"][layer_type]
+        assert r["test_accuracy_pct"][0] == pytest.approx(100 * history[0]["test_accuracy"])
+        assert r["test_accuracy_pct"][-1] == pytest.approx(100 * history[1]["test_accuracy"])
+        assert r["accuracy_var_interior"] == pytest.approx(np.var(r["test_accuracy_pct"][1:-1]))
+
+
+@pytest.mark.slow
+def test_reproduce_curves_and_feature_distributions(reproduce):
+    curves = {c["model"]: c for c in reproduce["curves"]}
+    assert set(curves) == {"CNN", "ANN", "ANN-WS", "ANN-AWN"}
+    for model, layer_type in (("CNN", "conv"), ("ANN-AWN", "adder-awn")):
+        history = reproduce["train"][layer_type]
+        assert curves[model]["test_loss"] == [m["test_loss"] for m in history]
+    dists = reproduce["distributions"]
+    assert [d["model"] for d in dists] == ["ANN", "ANN-AWN"]
+    for d in dists:
+        assert d["epochs"] == [1, 2]
+        # the paper's 2nd and 19th layers: the first and the last layer in the stages
+        assert d["feature_layers"] == ["stages.0.0.conv1", "stages.2.2.conv2"]
+        assert all(epochs == [1, 2] for epochs in d["histogram_epochs"].values())
+        for features in d["features"]:
+            assert all(np.isfinite(s["mean"]) and s["std"] > 0 for s in features["layers"])
+
+
+@pytest.mark.slow
+def test_reproduce_writes_its_figures(reproduce):
+    names = sorted(pathlib.Path(p).name for p in reproduce["figures"])
+    assert names == sorted(["eps_sweep.png", "steps_sweep.png", "stability_interpolation.png",
+                            "stability_curves.png", "stability_features.png",
+                            "stability_weights.png"])
+    for path in reproduce["figures"]:
+        data = pathlib.Path(path).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
