@@ -237,11 +237,10 @@ def _grouped(rows):
 
 def plot_sweep(rows, x: str, path: str, xlabel: str, title: str) -> None:
     """PGD accuracy (%) against ``x``, one line per (run, BN mode), saved as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for (label, mode), group in _grouped(rows).items():
         group = sorted(group, key=lambda row: row[x])
         ax.plot([row[x] for row in group], [100 * row["accuracy"] for row in group],
@@ -253,7 +252,6 @@ def plot_sweep(rows, x: str, path: str, xlabel: str, title: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------ batch study
@@ -408,11 +406,10 @@ def format_batch_study(studies) -> str:
 
 def plot_batch_sizes(studies, path: str) -> None:
     """Clean (dashed) and attacked (solid) accuracy against the batch size, log2 axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for study in studies:
         attack = study["attack"]
         for mode in dict.fromkeys(row["bn_mode"] for row in study["batch_size"]):
@@ -430,7 +427,6 @@ def plot_batch_sizes(studies, path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 SWEEPS = {  # x key, axis label, title

@@ -9,13 +9,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 
 from awn_jax.state import apply_model
-
-matplotlib.use("Agg")  # files only; no display on the machines that run the studies
 
 LAYER_TYPE_LABELS = {"conv": "CNN", "adder": "ANN", "adder-ws": "ANN-WS", "adder-awn": "ANN-AWN"}
 
@@ -66,13 +63,20 @@ def write_json(output_dir: str, stem: str, results) -> str:
     return path
 
 
-def save_figure(fig, output_dir: str, stem: str) -> str:
-    import matplotlib.pyplot as plt
+def new_figure(*grid, figsize, **subplots_kwargs):
+    """``(figure, axes)`` like ``plt.subplots``, but outside pyplot: the studies write files
+    on any machine without touching the caller's backend (a notebook keeps its inline one),
+    and the figure is freed with its last reference."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **subplots_kwargs)
+
+
+def save_figure(fig, output_dir: str, stem: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{stem}.png")
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from awn_jax import checkpointing
 from awn_jax.metrics_io import read_metrics
-from awn_jax.stability.common import run_label, unique_labels
+from awn_jax.stability.common import new_figure, run_label, unique_labels
 
 SERIES = ("train_loss", "test_loss", "test_accuracy", "bn_mean_drift", "bn_var_drift")
 
@@ -41,9 +41,7 @@ def collect(workdirs) -> list[dict]:
 
 def plot(results):
     """Train (dashed) and test (solid) loss, test accuracy, BN running-mean drift."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = new_figure(1, 3, figsize=(14, 4))
     for r in results:
         line, = axes[0].plot(r["epoch"], r["test_loss"], "-o", ms=3, label=f"{r['model']} test")
         axes[0].plot(r["epoch"], r["train_loss"], "--", color=line.get_color(),

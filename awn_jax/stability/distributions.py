@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from awn_jax.nn import Conv2d
-from awn_jax.stability.common import named_leaves, run_label, unique_labels
+from awn_jax.stability.common import named_leaves, new_figure, run_label, unique_labels
 from awn_jax.state import with_bn_mode
 from awn_jax.train import bn_drift
 
@@ -237,9 +237,7 @@ def relabel(results) -> list[dict]:
 
 def plot_weights(results):
     """Pooled effective kernels of the last epoch with their Laplace and Gaussian fits."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
     for ax, r in zip(axes[0], results):
         w = r["weights"][-1]
         edges, density = np.asarray(w["pooled_histogram"]["edges"]), w["pooled_histogram"][
@@ -258,10 +256,8 @@ def plot_weights(results):
 
 def plot_features(results):
     """Features before BN of the chosen layers, one histogram per epoch (Fig. 3)."""
-    import matplotlib.pyplot as plt
-
     cols = max(len(r["feature_layers"]) for r in results)
-    fig, axes = plt.subplots(len(results), cols, figsize=(4.5 * cols, 3.2 * len(results)),
+    fig, axes = new_figure(len(results), cols, figsize=(4.5 * cols, 3.2 * len(results)),
                              squeeze=False)
     for row, r in zip(axes, results):
         for ax, layer in zip(row, r["feature_layers"]):
@@ -275,9 +271,7 @@ def plot_features(results):
 
 def plot_bn(results):
     """Cross-channel spread of running variances, running-mean shifts, feature std."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = new_figure(1, 3, figsize=(15, 4))
     for r in results:
         last = r["bn_running_var"][-1]
         line, = axes[0].plot([row["var_cv"] for row in last["layers"]], "o-", ms=3,

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from awn_jax.nn import BatchNorm, set_bn_mode
-from awn_jax.stability.common import evaluate, run_label
+from awn_jax.stability.common import evaluate, new_figure, run_label
 from awn_jax.state import apply_model, with_bn_mode
 
 BN_STATS = ("interpolate", "reestimate")
@@ -131,9 +131,7 @@ def summarize(alphas, accuracy_pct, loss) -> dict:
 def plot(results):
     """Accuracy and loss against alpha: a colour per run and epoch pair, solid lines for
     interpolated BN statistics, dashed for re-estimated ones."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax_acc, ax_loss) = new_figure(1, 2, figsize=(12, 4.2))
     colors = {}
     for r in results:
         key = (r["model"], r["workdir"], r["epoch_a"], r["epoch_b"])

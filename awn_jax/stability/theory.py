@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from awn_jax import variance_theory as vt
+from awn_jax.stability.common import new_figure
 
 
 def run(seed: int = 0, samples: int = 20_000, sweep_points: int = 41, grid=None,
@@ -39,9 +40,7 @@ def run(seed: int = 0, samples: int = 20_000, sweep_points: int = 41, grid=None,
 def plot(results):
     """E[y'] / Eq. 7 bound (holds below 1) and Var[y'] / Eq. 8 bound (holds above 1)
     against tau_mu / (b + tau_sigma): exact curves, Monte Carlo points, failure bands."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax_mean, ax_var) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax_mean, ax_var) = new_figure(1, 2, figsize=(12, 4))
     for sweep in results["bound_sweeps"]:
         scale = sweep["b_plus_tau_sigma"]
         x = np.asarray(sweep["tau_mu"]) / scale
