@@ -81,7 +81,7 @@ def main(argv):
         attacks.check_attack_name(attack)
     if _STUDY.value in ("eps-sweep", "steps-sweep") and attack != "pgd":
         raise ValueError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
-    bn_modes = studies.check_bn_modes(
+    bn_modes = robustness.check_bn_modes(
         robustness.EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
     workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
     if not workdirs:

@@ -24,6 +24,15 @@ from awn_jax.state import apply_model, with_bn_mode
 EVAL_BN_MODES = tuple(mode for mode in BN_MODES if mode != "train")
 
 
+def check_bn_modes(bn_modes) -> tuple[str, ...]:
+    """``bn_modes`` as a tuple, or a clear error for a mode that is not an evaluation mode."""
+    for mode in bn_modes:
+        if mode not in EVAL_BN_MODES:
+            raise ValueError(f"unknown evaluation BN mode {mode!r}; expected one of "
+                             f"{EVAL_BN_MODES}")
+    return tuple(bn_modes)
+
+
 def _correct(graphdef, attack_name, settings, params, batch_stats, images, labels, key):
     """Number of examples still classified correctly after the attack (None: clean)."""
     def logits_fn(x):
@@ -40,10 +49,7 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
     settings = {"eps": eps, "steps": steps, "step_size": step_size}
     for name in attack_names:
         attacks.check_attack_name(name)
-    for mode in bn_modes:
-        if mode not in EVAL_BN_MODES:
-            raise ValueError(f"unknown evaluation BN mode {mode!r}; expected one of "
-                             f"{EVAL_BN_MODES}")
+    check_bn_modes(bn_modes)
     compiled = {
         (mode, name): jax.jit(functools.partial(
             _correct, with_bn_mode(run.graphdef, run.params, run.batch_stats, mode), name,

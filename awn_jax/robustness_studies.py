@@ -46,20 +46,12 @@ import numpy as np
 from absl import logging
 
 from awn_jax import attacks
-from awn_jax.robustness import EVAL_BN_MODES
+from awn_jax.robustness import check_bn_modes
 from awn_jax.state import apply_model, with_bn_mode
 
 SWEEP_EPS = tuple(np.round(np.linspace(0.01, 0.1, 10), 4))
 SWEEP_STEPS = (1, 2, 5, 10, 20, 50)
 BATCH_SIZES = (1, 8, 32, 128, 512)
-
-
-def check_bn_modes(bn_modes):
-    for mode in bn_modes:
-        if mode not in EVAL_BN_MODES:
-            raise ValueError(f"unknown evaluation BN mode {mode!r}; expected one of "
-                             f"{EVAL_BN_MODES}")
-    return tuple(bn_modes)
 
 
 def run_label(run) -> str:
@@ -174,19 +166,9 @@ def eps_sweep(evaluator, bn_modes, eps_values=SWEEP_EPS, *, steps=7, batch_size=
               num_examples=None, seed=0) -> list[dict]:
     """PGD accuracy against eps (Fig. 2a), step size eps/7 as in the paper's sweep (so 7
     steps can cross the ball once; PGD starts at a random point inside it)."""
-    images, labels = load_test_set(evaluator.run, num_examples, multiple_of=batch_size)
-    rows = []
-    for mode in check_bn_modes(bn_modes):
-        common = dict(batch_size=batch_size, bn_mode=mode)
-        clean = evaluator.accuracy(images, labels, **common)
-        for eps in eps_values:
-            rows.append(_sweep_row(evaluator.run, mode, len(images), batch_size, clean,
-                                   eps=float(eps), steps=steps, step_size=float(eps) / 7,
-                                   accuracy=evaluator.accuracy(
-                                       images, labels, attack="pgd", eps=float(eps),
-                                       step_size=float(eps) / 7, steps=steps, seed=seed,
-                                       **common)))
-    return rows
+    settings = [dict(eps=float(eps), steps=steps, step_size=float(eps) / 7)
+                for eps in eps_values]
+    return _pgd_sweep(evaluator, bn_modes, settings, batch_size, num_examples, seed)
 
 
 def steps_sweep(evaluator, bn_modes, steps_values=SWEEP_STEPS, *, eps=attacks.DEFAULT_EPS,
@@ -194,18 +176,22 @@ def steps_sweep(evaluator, bn_modes, steps_values=SWEEP_STEPS, *, eps=attacks.DE
                 seed=0) -> list[dict]:
     """PGD accuracy against the number of steps (Fig. 2b) at the paper's eps and step;
     each steps value is its own PGD run from the same random start."""
+    settings = [dict(eps=eps, steps=int(steps), step_size=step_size) for steps in steps_values]
+    return _pgd_sweep(evaluator, bn_modes, settings, batch_size, num_examples, seed)
+
+
+def _pgd_sweep(evaluator, bn_modes, settings, batch_size, num_examples, seed):
+    """One row per (BN mode, PGD settings), with the mode's clean accuracy beside it."""
     images, labels = load_test_set(evaluator.run, num_examples, multiple_of=batch_size)
     rows = []
     for mode in check_bn_modes(bn_modes):
         common = dict(batch_size=batch_size, bn_mode=mode)
         clean = evaluator.accuracy(images, labels, **common)
-        for steps in steps_values:
+        for values in settings:
+            accuracy = evaluator.accuracy(images, labels, attack="pgd", seed=seed, **values,
+                                          **common)
             rows.append(_sweep_row(evaluator.run, mode, len(images), batch_size, clean,
-                                   eps=eps, steps=int(steps), step_size=step_size,
-                                   accuracy=evaluator.accuracy(
-                                       images, labels, attack="pgd", eps=eps,
-                                       step_size=step_size, steps=int(steps), seed=seed,
-                                       **common)))
+                                   **values, accuracy=accuracy))
     return rows
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -68,3 +69,12 @@ def apply_model(graphdef, params, batch_stats, images) -> tuple[jax.Array, Any]:
 
 def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def named_leaves(tree) -> dict[str, np.ndarray]:
+    """Leaves of an nnx State (or any pytree) keyed ``"stages.0.0.bn1.mean"``."""
+    named = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        named[".".join(p for p in parts if p != "value")] = leaf
+    return named

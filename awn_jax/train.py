@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from awn_jax import checkpointing, data, optim
 from awn_jax.metrics_io import MetricsWriter
 from awn_jax.nn.batchnorm import check_bn_mode
-from awn_jax.state import (TrainState, apply_model, build_model, cross_entropy, split_model,
-                           with_bn_mode)
+from awn_jax.state import (TrainState, apply_model, build_model, cross_entropy, named_leaves,
+                           split_model, with_bn_mode)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -152,21 +152,15 @@ def bn_drift(previous, current) -> dict:
     """Change of all BN running means and variances over the epoch, relative to their
     current size (1.0 when they started from zero)."""
     def relative(name):
-        prev = [v for p, v in _flat(previous) if p[-1] == name]
-        cur = [v for p, v in _flat(current) if p[-1] == name]
+        prev = [np.ravel(v) for k, v in named_leaves(jax.device_get(previous)).items()
+                if k.rsplit(".", 1)[-1] == name]
+        cur = [np.ravel(v) for k, v in named_leaves(jax.device_get(current)).items()
+               if k.rsplit(".", 1)[-1] == name]
         if not prev:
             return 0.0
         prev, cur = np.concatenate(prev), np.concatenate(cur)
         return float(np.linalg.norm(cur - prev) / max(np.linalg.norm(cur), 1e-12))
     return {"bn_mean_drift": relative("mean"), "bn_var_drift": relative("var")}
-
-
-def _flat(batch_stats):
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(batch_stats))[0]
-    names = [tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-             for path, _ in flat]
-    return [(tuple(n for n in name if n != "value"), np.ravel(v))
-            for name, (_, v) in zip(names, flat)]
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -33,7 +33,6 @@ def get_dataset(config):
                    num_train_examples=config.num_train_examples)
 
 
-
 def dataset_for_run(config, info):
     """The dataset of a saved run whose DatasetInfo was ``info``: the full dataset when its
     train split is at hand (studies that re-estimate BN statistics need it), else, for image

@@ -28,15 +28,6 @@ def unique_labels(labels, workdirs) -> list[str]:
             else label for label, w in zip(labels, workdirs)]
 
 
-def named_leaves(tree) -> dict[str, np.ndarray]:
-    """Leaves of an nnx State (or any pytree) keyed ``"stages.0.0.bn1.mean"``."""
-    named = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        named[".".join(p for p in parts if p != "value")] = leaf
-    return named
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _loss_and_correct(graphdef, params, batch_stats, images, labels):
     logits, _ = apply_model(graphdef, params, batch_stats, images)

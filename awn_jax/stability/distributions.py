@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from awn_jax.nn import Conv2d
-from awn_jax.stability.common import named_leaves, new_figure, run_label, unique_labels
+from awn_jax.stability.common import new_figure, run_label, unique_labels
+from awn_jax.state import named_leaves
 from awn_jax.state import with_bn_mode
 from awn_jax.train import bn_drift
 
