@@ -42,8 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from awn_jax.ops.adder import (_accumulation_dtype, _check_args, _weight_grad,
-                               adaptive_gradient_scale, output_size)
+from awn_jax.ops.adder import (_accumulation_dtype, _check_args, _weight_grad, adder_vjp,
+                               output_size)
 
 
 class Tiles(NamedTuple):
@@ -242,27 +242,19 @@ def _input_grad(x, kernel, g, geo, tiles, interpret):
     return dx[:pixels, :geo["cin"]].reshape(x.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _adder_conv2d(x, kernel, stride, padding, eta, tiles, interpret):
-    geo = _geometry(x.shape, kernel.shape, stride, padding)
-    return _forward(x, kernel, geo, tiles, interpret)
+@functools.lru_cache(maxsize=None)
+def _op(tiles, interpret):
+    """The custom_vjp op of one tile choice and mode (built once each): the Pallas forward
+    and input gradient, the shared XLA weight gradient and scaling of ``adder.adder_vjp``."""
+    def forward(x, kernel, stride, padding):
+        geo = _geometry(x.shape, kernel.shape, stride, padding)
+        return _forward(x, kernel, geo, tiles, interpret)
 
+    def input_grad(x, kernel, g, stride, padding):
+        geo = _geometry(x.shape, kernel.shape, stride, padding)
+        return _input_grad(x, kernel, g, geo, tiles, interpret)
 
-def _adder_conv2d_fwd(x, kernel, stride, padding, eta, tiles, interpret):
-    return _adder_conv2d(x, kernel, stride, padding, eta, tiles, interpret), (x, kernel)
-
-
-def _adder_conv2d_bwd(stride, padding, eta, tiles, interpret, residuals, g):
-    x, kernel = residuals
-    geo = _geometry(x.shape, kernel.shape, stride, padding)
-    dx = _input_grad(x, kernel, g, geo, tiles, interpret)
-    dw = _weight_grad(x, kernel, g, stride, padding)
-    if eta is not None:
-        dw = adaptive_gradient_scale(dw, eta)
-    return dx.astype(x.dtype), dw.astype(kernel.dtype)
-
-
-_adder_conv2d.defvjp(_adder_conv2d_fwd, _adder_conv2d_bwd)
+    return adder_vjp(forward, input_grad, _weight_grad)
 
 
 def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2, *,
@@ -277,5 +269,5 @@ def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None
     for name, value in tiles._asdict().items():
         if value < 1 or value & (value - 1):
             raise ValueError(f"adder_pallas: tiles.{name} must be a power of two, got {value}")
-    return _adder_conv2d(x, kernel, stride, padding, None if eta is None else float(eta),
-                         tiles, resolve_interpret(interpret))
+    return _op(tiles, resolve_interpret(interpret))(
+        x, kernel, stride, padding, None if eta is None else float(eta))
