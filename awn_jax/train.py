@@ -3,7 +3,8 @@
 One ``jax.jit`` train step over a 1-D device mesh (axis ``data``): the global batch is
 sharded, parameters are replicated, and XLA inserts the reductions, so BatchNorm
 statistics and the adder layers' adaptive gradient norm are global over the batch as on
-one device. A checkpoint is written after every epoch and a run restarts from the latest
+one device. Steps are traced with the mesh set (``jax.set_mesh``), so the adder kernels,
+custom calls XLA cannot split, run per batch shard (``ops.adder.adder_vjp``). A checkpoint is written after every epoch and a run restarts from the latest
 one in ``workdir``; data order and augmentation depend only on (seed, epoch), so a resumed
 run repeats an uninterrupted one.
 """
@@ -91,11 +92,21 @@ class Trainer:
         self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
         self.eval_graphdef = with_bn_mode(self.graphdef, state.params, state.batch_stats,
                                           check_bn_mode(config.eval_bn_mode))
-        self._train_step = jax.jit(
+        self.train_step = self._under_mesh(jax.jit(
             functools.partial(train_step, self.graphdef, tx),
             in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        self._eval_step = jax.jit(functools.partial(eval_step, self.eval_graphdef))
+            out_shardings=(self.replicated, self.replicated), donate_argnums=0))
+        self.eval_step = self._under_mesh(
+            jax.jit(functools.partial(eval_step, self.eval_graphdef)))
+
+    def _under_mesh(self, step):
+        """``step`` traced and run with the mesh set (``jax.set_mesh``): the adder layers'
+        kernels then run on each device's shard of the batch (``adder.adder_vjp``)."""
+        @functools.wraps(step)
+        def run(*args):
+            with jax.set_mesh(self.mesh):
+                return step(*args)
+        return run
 
     def global_batch(self, local_batch, sharding):
         return {k: jax.make_array_from_process_local_data(sharding, v)
@@ -108,7 +119,7 @@ class Trainer:
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count())
         for i, local_batch in enumerate(batches):
-            state, metrics = self._train_step(state, self.global_batch(local_batch, self.sharded))
+            state, metrics = self.train_step(state, self.global_batch(local_batch, self.sharded))
             pending.append(metrics)
             if (i + 1) % self.config.log_every_steps == 0 or i + 1 == self.steps_per_epoch:
                 fetched = jax.device_get(pending)
@@ -134,7 +145,7 @@ class Trainer:
             if sharding is self.replicated and jax.process_count() > 1:
                 raise ValueError(f"test batch of {size} does not split over {num_devices} "
                                  "devices; choose eval_batch_size dividing the test set")
-            sums = jax.device_get(self._eval_step(state, self.global_batch(local_batch, sharding)))
+            sums = jax.device_get(self.eval_step(state, self.global_batch(local_batch, sharding)))
             totals = {k: totals[k] + float(sums[k]) for k in totals}
             count += size
         return {"test_loss": totals["loss_sum"] / count, "test_accuracy": totals["correct"] / count}

@@ -47,13 +47,13 @@ def time_train_step(layer_type: str, batch: int, repeats: int, model: str) -> tu
     images = trainer.global_batch(next(dataset.train_batches(0, batch)), trainer.sharded)
     state = trainer.initial_state
     start = time.perf_counter()
-    state, metrics = trainer._train_step(state, images)
+    state, metrics = trainer.train_step(state, images)
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state, metrics = trainer._train_step(state, images)
+        state, metrics = trainer.train_step(state, images)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return statistics.median(times), compile_seconds

@@ -128,23 +128,6 @@ def test_grad_jit_and_vmap():
 
 
 @needs_native
-def test_batch_sharded_over_devices_matches_one_device():
-    """Under a data-parallel sharding (as in train.py) the result is the same; XLA gathers the
-    batch for the custom calls, which have no partitioning rule."""
-    devices = jax.devices()
-    if len(devices) < 2:
-        pytest.skip("needs several devices (tests/conftest.py asks for 8 CPU devices)")
-    mesh = jax.sharding.Mesh(np.array(devices[:2]), ("data",))
-    x, kernel, g, stride, padding = _inputs(GRID[6], jnp.float32)
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    grads = _native_grads(jax.device_put(x, sharded), jax.device_put(kernel, replicated),
-                          jax.device_put(g, sharded), stride, padding, 0.2)
-    for actual, expected in zip(grads, _native_grads(x, kernel, g, stride, padding, 0.2)):
-        _assert_close(actual, expected, 1e-6)
-
-
-@needs_native
 def test_adaptive_scaling_sets_the_weight_gradient_norm():
     x, kernel, g, stride, padding = _inputs(GRID[6], jnp.float32)
     _, dw = _native_grads(x, kernel, g, stride, padding, 0.5)

@@ -14,6 +14,7 @@ import pytest
 from awn_jax import checkpointing, data
 from awn_jax import train as train_module
 from awn_jax.metrics_io import read_metrics
+from awn_jax.ops import adder
 from awn_jax.train import Trainer, make_mesh, train_and_evaluate
 from configs import smoke
 
@@ -80,17 +81,28 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(uninterrupted, tmp_pa
     assert _compared(read_metrics(workdir)) == _compared(read_metrics(uninterrupted))
 
 
-def test_eight_devices_give_the_loss_of_one():
+def test_eight_devices_give_the_loss_of_one(monkeypatch):
     assert len(jax.devices()) == 8, "tests/conftest.py asks for 8 CPU devices"
     config = _config(batch_size=32)
     dataset = data.get_dataset(config)
     batch = next(dataset.train_batches(0, config.batch_size))
+    splits = []  # how the adder layers split the batch, seen while tracing
+    batch_axes = adder._batch_axes
+
+    def recorded_batch_axes(batch_size):
+        splits.append(batch_axes(batch_size))
+        return splits[-1]
+
+    monkeypatch.setattr(adder, "_batch_axes", recorded_batch_axes)
     results = []
     for devices in (1, 8):
         trainer = Trainer(config, dataset, make_mesh(devices))
-        state, metrics = trainer._train_step(trainer.initial_state,
+        state, metrics = trainer.train_step(trainer.initial_state,
                                              trainer.global_batch(batch, trainer.sharded))
         results.append((jax.device_get(metrics), jax.device_get(state.params)))
+        # One device: whole; eight: every adder layer's kernels run per batch shard.
+        assert splits and set(splits) == ({()} if devices == 1 else {("data",)})
+        splits.clear()
     (m1, p1), (m8, p8) = results
     chex.assert_trees_all_close(m1, m8, rtol=1e-5)
     chex.assert_trees_all_close(p1, p8, rtol=1e-4, atol=1e-5)

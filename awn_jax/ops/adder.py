@@ -21,21 +21,27 @@ one matrix product per tap.
 Implementations (``adder_conv2d(..., implementation=...)``), all with the same semantics and
 tests: ``"xla"`` (this module), ``"pallas"`` (:mod:`awn_jax.ops.adder_pallas`, GPU kernels,
 interpreted on CPU), ``"native"`` (:mod:`awn_jax.ops.adder_native`, a compiled CPU kernel,
-when built). ``"auto"`` picks pallas on a single GPU, native on a CPU where it is built,
-else xla; with several devices it picks xla, which XLA partitions over a data-parallel
-mesh while the custom calls of the kernels would run the whole batch on every device
-(see :func:`resolve_implementation`).
+when built). ``"auto"`` picks pallas on a GPU, native on a CPU where it is built, else
+xla (see :func:`resolve_implementation`).
+
+Data parallelism: traced under a mesh set with ``jax.set_mesh`` (``train.Trainer`` does), every
+implementation runs on each device's shard of the batch through ``jax.shard_map`` and the
+weight gradient is summed over the shards before its scaling; XLA cannot partition the
+kernels' custom calls by itself. Without a mesh in context the op runs whole, so a batch
+sharded by ``jit`` shardings alone would be gathered onto every device.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, PartitionSpec
 
 
 def _check_args(x, kernel, stride, padding):
@@ -117,11 +123,13 @@ def _forward(x, kernel, stride, padding):
     def band(index):
         x_band = lax.dynamic_slice_in_dim(xp, index * rows * stride, in_rows, axis=1)
 
-        def add_tap(tap, out):
+        def tap_term(tap):
             window = _window(x_band, tap, kw, rows, wo, stride)
-            return out + jnp.sum(jnp.abs(window[..., :, None] - taps[tap]), axis=-2, dtype=acc)
+            return jnp.sum(jnp.abs(window[..., :, None] - taps[tap]), axis=-2, dtype=acc)
 
-        return lax.fori_loop(0, kh * kw, add_tap, jnp.zeros((n, rows, wo, cout), acc))
+        # Started from the first tap, not zeros: inside a shard_map the carry then has the
+        # input's varying-axes type.
+        return lax.fori_loop(1, kh * kw, lambda tap, out: out + tap_term(tap), tap_term(0))
 
     out = lax.map(band, jnp.arange(num_bands))          # (bands, N, rows, Wo, cout)
     out = jnp.moveaxis(out, 0, 1).reshape(n, num_bands * rows, wo, cout)
@@ -189,12 +197,57 @@ def adaptive_gradient_scale(grad, eta):
     return (grad * scale).astype(grad.dtype)
 
 
+def _batch_axes(batch_size: int) -> tuple:
+    """The mesh axes to split the batch over: the non-manual axes of the mesh set with
+    ``jax.set_mesh`` (as ``train.Trainer`` does), when they span several devices and
+    divide ``batch_size``; else ``()``, run the op whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                 if kind != AxisType.Manual)
+    devices = math.prod(mesh.shape[name] for name in axes)
+    return axes if devices > 1 and batch_size % devices == 0 else ()
+
+
+def _per_batch_shard(piece, *, summed: bool):
+    """``piece(x, kernel, *arrays, stride, padding)`` run by every device on its own shard
+    of the batch (``jax.shard_map``), with ``kernel`` replicated. ``summed``: the results
+    are added over the shards (the weight gradient, a sum over the batch) instead of
+    concatenated. The Pallas and FFI kernels are custom calls that XLA cannot partition:
+    left to XLA under a batch sharding, every device would gather and compute the whole
+    batch."""
+    @functools.wraps(piece)
+    def run(x, kernel, *rest):
+        *arrays, stride, padding = rest
+        axes = _batch_axes(x.shape[0])
+        if not axes:
+            return piece(x, kernel, *arrays, stride, padding)
+
+        def local(x, kernel, *arrays):
+            out = piece(x, kernel, *arrays, stride, padding)
+            return lax.psum(out, axes) if summed else out
+
+        batch = PartitionSpec(axes)
+        # check_vma=False: custom calls carry no varying-axes type; the specs say it all.
+        return jax.shard_map(local, in_specs=(batch, PartitionSpec()) + (batch,) * len(arrays),
+                             out_specs=PartitionSpec() if summed else batch,
+                             check_vma=False)(x, kernel, *arrays)
+
+    return run
+
+
 def adder_vjp(forward, input_grad, weight_grad):
     """The adder op with AdderNet's backward, from one implementation's three pieces:
     ``forward(x, kernel, stride, padding)``, ``input_grad(x, kernel, g, stride, padding)``
     (HardTanh rule) and ``weight_grad(x, kernel, g, stride, padding)`` (full precision,
-    unscaled). The adaptive scaling is applied here, once, the same for every
-    implementation. Returns ``op(x, kernel, stride, padding, eta)``."""
+    unscaled). Under a mesh set with ``jax.set_mesh`` each piece runs per batch shard
+    (:func:`_per_batch_shard`), and the adaptive scaling is applied here, once, to the whole
+    batch's weight gradient, the same for every implementation. Returns
+    ``op(x, kernel, stride, padding, eta)``."""
+    forward = _per_batch_shard(forward, summed=False)
+    input_grad = _per_batch_shard(input_grad, summed=False)
+    weight_grad = _per_batch_shard(weight_grad, summed=True)
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
     def op(x, kernel, stride, padding, eta):
@@ -237,8 +290,7 @@ IMPLEMENTATION_ENV = "AWN_JAX_ADDER_IMPLEMENTATION"
 
 def resolve_implementation(implementation: str = "auto") -> str:
     """The implementation ``adder_conv2d`` runs: ``"auto"`` is ``$AWN_JAX_ADDER_IMPLEMENTATION``
-    when set, else xla when JAX sees several devices (the kernels are not partitioned yet),
-    pallas on a single GPU, native on a CPU where it is built, xla otherwise."""
+    when set, else pallas on a GPU, native on a CPU where it is built, xla otherwise."""
     if implementation == "auto":
         implementation = os.environ.get(IMPLEMENTATION_ENV) or "auto"
     if implementation not in IMPLEMENTATIONS:
@@ -246,10 +298,6 @@ def resolve_implementation(implementation: str = "auto") -> str:
                          f"got {implementation!r} (argument or ${IMPLEMENTATION_ENV})")
     if implementation != "auto":
         return implementation
-    if jax.device_count() > 1:
-        # XLA cannot partition the Pallas/FFI custom calls: under a data-parallel batch
-        # sharding it would gather the batch and run the whole of it on every device.
-        return "xla"
     backend = jax.default_backend()
     if backend == "gpu":
         return "pallas"

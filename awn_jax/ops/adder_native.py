@@ -19,10 +19,9 @@ the pure-XLA path. ``AWN_JAX_NATIVE=0`` turns the native path off.
 float32 and float64 run natively; other floating dtypes are computed in float32 and cast
 back, as ``adder.py`` accumulates them in float32 anyway.
 
-The FFI calls have no partitioning rule: under a batch sharding over several devices
-(``train.py``'s data-parallel mesh) XLA gathers the whole batch onto every device and each
-computes all of it. Results are right, but on a multi-device CPU mesh the pure-XLA path
-(which XLA partitions) does less work.
+The FFI calls have no partitioning rule of their own; under a mesh set with
+``jax.set_mesh`` (``train.py``'s data-parallel mesh) ``adder.adder_vjp`` runs them on each
+device's shard of the batch.
 """
 
 from __future__ import annotations
