@@ -12,7 +12,10 @@ implementation named in ``--impl``:
 
 Implementations (``--impl``, comma-separated): ``auto``, ``xla``, ``pallas``, ``native`` (the
 ``implementation=`` of ``awn_jax.ops.adder_conv2d``); ``pallas:pixels=128:warps=8`` and the like
-(the Pallas kernels with other ``adder_pallas.Tiles``); ``naive``: the plain
+(the Pallas kernels with other ``adder_pallas.Tiles``); ``file=PATH``: the
+``adder_conv2d(x, kernel, stride, padding, eta)`` of a Python file, e.g. a kernel module of an
+earlier commit (``git show REV:awn_jax/ops/adder_pallas.py > old_pallas.py``), so two versions
+are timed in one run; ``naive``: the plain
 ``adder_conv2d_reference`` (unfold, broadcast, reduce; its f+b is plain ``jax.grad``, the true
 l1 gradient), only where its broadcast tensor stays under ``--reference-max-mb``;
 ``conv-fp32``: lax.conv itself at ``Precision.HIGHEST``, i.e. in float32 arithmetic where the
@@ -40,12 +43,14 @@ measurements once spent, so a run in a fixed time slot still reports what it fin
 
     python bench/adder_conv.py --batch 32 256 --repeats 5
     python bench/adder_conv.py --batch 256 --impl pallas,xla,naive,conv-fp32 --output gpu.md
+    python bench/adder_conv.py --batch 256 --impl pallas,file=old_pallas.py --layers 1,3
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import statistics
@@ -120,10 +125,26 @@ class Impl(NamedTuple):
     kind: str = "adder"
 
 
+def load_adder_from_file(path: str):
+    """``adder_conv2d`` of the Python file at ``path`` (it may import ``awn_jax``)."""
+    module_spec = importlib.util.spec_from_file_location(
+        "bench_adder_" + os.path.splitext(os.path.basename(path))[0], path)
+    if module_spec is None:
+        raise SystemExit(f"--impl file={path}: not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.adder_conv2d
+
+
 def parse_impl(spec: str) -> Impl:
     """``xla`` / ``pallas`` / ``native`` / ``auto`` / ``naive`` / ``conv-fp32`` /
-    ``pallas:key=value:...``."""
+    ``pallas:key=value:...`` / ``file=PATH``."""
     spec = spec.strip()
+    if spec.startswith("file="):
+        path = spec[len("file="):]
+        function = load_adder_from_file(path)
+        return Impl(f"file {os.path.basename(path)}",
+                    lambda s, p: lambda x, k: function(x, k, s, p, ETA))
     if spec == "naive":
         return Impl("naive", lambda s, p: lambda x, k: adder_conv2d_reference(x, k, s, p),
                     kind="naive")
@@ -279,8 +300,16 @@ def main():
                         help="batch of the correctness check (0: no check)")
     parser.add_argument("--time-budget-s", type=float, default=0.0,
                         help="start no new measurement after this many seconds (0: no limit)")
+    parser.add_argument("--layers", default="",
+                        help="comma-separated indices into the seven ResNet-20 layers "
+                             "(0-6, in the table's order) to time; default all")
     parser.add_argument("--output", help="also write the report (Markdown) to this file")
     args = parser.parse_args()
+    try:
+        layers = [RESNET20_LAYERS[int(i)] for i in args.layers.split(",") if i.strip()]
+    except (ValueError, IndexError):
+        parser.error(f"--layers: indices 0-{len(RESNET20_LAYERS) - 1}, got {args.layers!r}")
+    layers = layers or list(RESNET20_LAYERS)
 
     start = time.perf_counter()
     impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]
@@ -307,7 +336,7 @@ def main():
     report("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     skipped = []
     for batch in args.batch:
-        for layer in RESNET20_LAYERS:
+        for layer in layers:
             if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
                 skipped.append(f"{layer.name()} N={batch} (time budget)")
                 continue
