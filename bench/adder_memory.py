@@ -1,18 +1,20 @@
 """Memory of one adder layer, forward and forward+backward, against ``lax.conv_general_dilated``.
 
-For the first (16->16 at 32x32) and the last (64->64 at 8x8) 3x3 layer of ResNet-20 at batch
-256, each function is jit-compiled, never run, and XLA's buffer assignment is read from
-``compiled.memory_analysis()``: arguments, outputs and temp (the scratch arena XLA allocates for
-the intermediates, already shrunk by reusing the space of dead buffers), whose sum bounds the
-peak. "fwd+bwd" is ``value_and_grad`` of ``sum(output * cotangent)`` with respect to input and
-kernel, as in ``adder_conv.py``.
+For ResNet-20 layers at batch 256 (by default the first, 16->16 at 32x32, and the last,
+64->64 at 8x8, 3x3 layer), each function is jit-compiled, never run, and XLA's buffer
+assignment is read from ``compiled.memory_analysis()``: arguments, outputs and temp (the
+scratch arena XLA allocates for the intermediates, already shrunk by reusing the space of dead
+buffers), whose sum bounds the peak. "fwd+bwd" is ``value_and_grad`` of ``sum(output *
+cotangent)`` with respect to input and kernel, as in ``adder_conv.py``. Scratch memory a custom
+call allocates for itself (the native kernels' per-thread partial sums) is invisible here.
 
 Why: an adder layer must not build the ``N*Ho*Wo x k*k*cin x cout`` tensor of the naive unfold
-formulation, whose float32 size is printed next to each case; the naive
-``adder_conv2d_reference`` (gradient by plain ``jax.grad``) is compiled too, to show what
-building it costs. The target is the adder within 2x of lax.conv's total.
+formulation, whose float32 size is printed next to each case; ``--impl naive`` compiles the
+plain ``adder_conv2d_reference`` (gradient by plain ``jax.grad``) to show what building it
+costs. The target is the adder within 2x of lax.conv's total.
 
-    python bench/adder_memory.py --batch 256
+    python bench/adder_memory.py --batch 256 --impl xla,native,naive
+    python bench/adder_memory.py --batch 256 --impl pallas --layers 0,1,2,3,4,5,6   # on a GPU
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import datetime
 
 import jax
 
-from adder_conv import RESNET20_LAYERS, forward_fns, fwd_bwd, machine_info, make_inputs
+from adder_conv import (RESNET20_LAYERS, conv_fn, fwd_bwd, machine_info, make_inputs,
+                        parse_impl)
 
-LAYERS = (RESNET20_LAYERS[0], RESNET20_LAYERS[4])
 MB = 2 ** 20
 
 
@@ -39,26 +41,38 @@ def memory_mb(fn, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--impl", default="auto,naive",
+                        help="comma-separated implementations, as in adder_conv.py --impl")
+    parser.add_argument("--layers", default="0,4",
+                        help="comma-separated indices into the seven ResNet-20 layers (0-6)")
     args = parser.parse_args()
+    impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]
+    try:
+        layers = [RESNET20_LAYERS[int(i)] for i in args.layers.split(",")]
+    except (ValueError, IndexError):
+        parser.error(f"--layers: indices 0-{len(RESNET20_LAYERS) - 1}, got {args.layers!r}")
 
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"machine: {machine_info()}\n")
+    print(f"machine: {machine_info()}")
+    print(f"command: python bench/adder_memory.py --batch {args.batch} --impl {args.impl} "
+          f"--layers {args.layers}\n")
     print("| layer | N | naive broadcast | pass | op | arguments | outputs | temp | total "
           "| total / conv |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|")
-    for layer in LAYERS:
+    for layer in layers:
         inputs = make_inputs(layer, args.batch)
         broadcast = f"{layer.broadcast_bytes(args.batch) / MB:,.0f} MB"
+        ops = {"conv": conv_fn(layer.stride, layer.padding),
+               **{impl.label: impl.make(layer.stride, layer.padding) for impl in impls}}
         for pass_name, wrap, pass_args in (("fwd", lambda f: f, inputs[:2]),
                                            ("fwd+bwd", fwd_bwd, inputs)):
-            rows = {op: memory_mb(wrap(fn), pass_args)
-                    for op, fn in forward_fns(layer).items()}
+            rows = {op: memory_mb(wrap(fn), pass_args) for op, fn in ops.items()}
             for op, (arg, out, temp, total) in rows.items():
                 print(f"| {layer.name()} | {args.batch} | {broadcast} | {pass_name} | {op} "
                       f"| {arg:,.1f} | {out:,.1f} | {temp:,.1f} | {total:,.1f} "
                       f"| {total / rows['conv'][3]:.1f}x |", flush=True)
     print("\nMB = 2**20 bytes; total = arguments + outputs + temp - aliased; "
-          "ref = naive adder_conv2d_reference, compiled only.")
+          "naive = adder_conv2d_reference, compiled only; conv = lax.conv.")
 
 
 if __name__ == "__main__":
