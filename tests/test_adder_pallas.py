@@ -4,6 +4,7 @@ sizes, channel counts that need padding and grids of several tiles; and the rule
 ``adder_conv2d(implementation="auto")`` picks an implementation."""
 
 import functools
+import itertools
 import re
 import sys
 import types
@@ -14,24 +15,44 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import adder_cases
 from awn_jax.ops import adder, adder_pallas
 from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
-from adder_cases import inputs as _inputs
 
 
-# (batch, height, width, cin, cout, kernel_size, stride, padding). The default tiles are 64
-# pixels x 32 channels; SMALL tiles make small shapes span several tiles and chunks.
+# (batch, height, width, cin, cout, kernel_size, stride, padding); kernel_size an int or
+# (kh, kw). The default tiles are 64 pixels x 32 channels; SMALL tiles make small shapes
+# span several tiles and chunks. Most strided cases have sizes that the stride does not
+# divide, so the input gradient's phase classes (ih % s, iw % s) differ in size; some have
+# classes that no kernel tap reads or that hold no pixels.
 GRID = [
     (2, 8, 8, 3, 4, 3, 1, 1),
     (3, 7, 9, 5, 6, 3, 2, 1),
     (2, 9, 7, 2, 3, 3, 2, 0),
-    (2, 8, 8, 6, 5, 1, 2, 0),
+    (2, 8, 8, 6, 5, 1, 2, 0),     # only class (0, 0) is read
     (1, 5, 6, 3, 3, 1, 1, 1),
     (1, 6, 6, 40, 36, 3, 1, 1),   # default tiles: 2 cout tiles, 2 cin tiles, 16 chunks
+    (2, 8, 7, 3, 4, 5, 3, 2),     # 1 or 2 taps per axis and class
+    (1, 2, 7, 2, 3, (3, 1), 3, 1),    # row class 2 holds no pixels; columns 2 mod 3 alone read
+    (2, 5, 7, 3, 2, (1, 3), 2, 2),    # odd rows read by no tap
 ]
 SMALL = adder_pallas.Tiles(pixels=16, channels=4, accumulator=128, warps=1)
 TILES = [adder_pallas.Tiles(), SMALL, adder_pallas.Tiles(), SMALL, SMALL,
-         adder_pallas.Tiles()]
+         adder_pallas.Tiles(), SMALL, SMALL, adder_pallas.Tiles()]
+
+
+def _inputs(case, dtype, seed=0):
+    """:func:`adder_cases.inputs`, also for a (kh, kw) kernel_size: the leading kh x kw
+    taps of the square kernel and a cotangent of the output's shape."""
+    n, h, w, _, cout, k, stride, padding = case
+    if isinstance(k, int):
+        return adder_cases.inputs(case, dtype, seed)
+    kh, kw = k
+    x, kernel, _, _, _ = adder_cases.inputs(case[:5] + (max(k),) + case[6:], dtype, seed)
+    ho, wo = (adder.output_size(h, kh, stride, padding),
+              adder.output_size(w, kw, stride, padding))
+    g = jax.random.normal(jax.random.key(seed + 1), (n, ho, wo, cout), dtype)
+    return x, kernel[:kh, :kw], g, stride, padding
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
@@ -75,6 +96,28 @@ def test_float32_within_1e5_of_float64_reference(index, eta):
         _assert_close(dw, rdw, 1e-5)
     if eta is not None:
         np.testing.assert_allclose(jnp.linalg.norm(dw), eta * np.sqrt(k32.size), rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_phase_classes_list_exactly_the_taps_that_read_each_input(stride):
+    """Every (input position, kernel offset, output position) of one axis, from the phase
+    classes, against all output positions and offsets enumerated."""
+    for size, k, padding in itertools.product(range(1, 8), range(1, 6), range(3)):
+        out = adder.output_size(size, k, stride, padding)
+        if out < 1:
+            continue
+        expected = {(o * stride + t - padding, t, o) for o in range(out) for t in range(k)
+                    if 0 <= o * stride + t - padding < size}
+        listed = set()
+        phases = adder_pallas._phases(size, k, stride, padding)
+        assert [phase.start for phase in phases] == list(range(stride))
+        for phase in phases:
+            assert phase.count == len(range(phase.start, size, stride))
+            for a, i in itertools.product(range(phase.count), range(phase.taps)):
+                o = a + phase.shift - i
+                if 0 <= o < out:
+                    listed.add((phase.start + stride * a, phase.first_tap + stride * i, o))
+        assert listed == expected, (size, k, padding)
 
 
 def test_backward_is_the_official_rule_not_the_true_derivative():
@@ -185,16 +228,22 @@ def test_interpret_default_follows_backend_and_environment(monkeypatch):
     assert adder_pallas.resolve_interpret(True) is True
 
 
-def test_kernels_lower_to_triton_for_cuda():
+@pytest.mark.parametrize("kernel_size, stride, padding, phase_classes", [
+    (3, 2, 1, 4),
+    (1, 2, 0, 1),   # classes with an odd row or column: no tap reads them, no launch
+    (3, 1, 1, 1),
+])
+def test_kernels_lower_to_triton_for_cuda(kernel_size, stride, padding, phase_classes):
     """Without a GPU, the Triton lowering (the Pallas side of it) still runs: a
-    cross-platform lowering of forward and backward at a ResNet-20 layer shape."""
+    cross-platform lowering of forward and backward at ResNet-20 layer shapes, with one
+    input-gradient kernel per phase class that some tap reads."""
     x = jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32)
-    kernel = jax.ShapeDtypeStruct((3, 3, 32, 64), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((kernel_size, kernel_size, 32, 64), jnp.float32)
     fn = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(
-        adder_pallas.adder_conv2d(a, b, 2, 1, interpret=False)), argnums=(0, 1)))
+        adder_pallas.adder_conv2d(a, b, stride, padding, interpret=False)), argnums=(0, 1)))
     text = fn.trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text()
     targets = re.findall(r"custom_call @(\S+)", text)
-    assert len([t for t in targets if "triton" in t]) == 2   # forward and input gradient
+    assert len([t for t in targets if "triton" in t]) == 1 + phase_classes
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")

@@ -16,14 +16,20 @@ scaling. Two kernels, both direct (no patch matrix in memory):
   ``dx = sum_taps sum_cout g * clip(W - x, -1, 1)`` over the output pixels that read it:
   the fold back onto x becomes a gather of ``g`` rows (zeroed where the tap reads no
   output pixel), not a scatter, and needs no atomics. Same accumulator scheme, over cout.
+  With stride ``s`` a pixel at padded row ``r`` is read only through the kernel rows
+  ``t`` with ``t = r (mod s)`` (columns likewise), so the input pixels are split into the
+  ``s * s`` phase classes ``(ih % s, iw % s)``, one ``pallas_call`` each over only that
+  class's pixels and only the taps that can read them (a class no tap reads launches
+  nothing and is zero); the classes' results are interleaved into ``dx``. Stride 1 is
+  one class: one call over all pixels and taps, its output reshaped into ``dx``.
 
 The weight gradient, linear in the patches, stays a matrix product in XLA
 (``adder._weight_grad``), which the tensor cores do best.
 
-Tile sizes are :class:`Tiles`, powers of two as Triton requires. Output rows are padded to
-a multiple of the pixel tile (the extra rows are sliced off) and channel counts that are not
-powers of two are zero-padded in XLA (zeros add ``|0 - 0| = 0``); ResNet shapes need
-neither, so no input is copied.
+Tile sizes are :class:`Tiles`, powers of two as Triton requires. Output rows (in the input
+gradient, each phase class's) are padded to a multiple of the pixel tile (the extra rows are
+sliced off) and channel counts that are not powers of two are zero-padded in XLA (zeros add
+``|0 - 0| = 0``); ResNet shapes need neither, so no input is copied.
 
 ``interpret``: ``None`` (default) runs interpreted unless JAX's default backend is a GPU;
 the environment variable ``AWN_PALLAS_INTERPRET=1`` (or ``0``) overrides that default.
@@ -62,8 +68,12 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
 def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    return _ceil_div(n, multiple) * multiple
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -83,6 +93,32 @@ def _geometry(x_shape, k_shape, stride, padding):
     ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     return dict(n=n, h=h, w=w, cin=cin, kh=kh, kw=kw, cout=cout, ho=ho, wo=wo,
                 stride=stride, padding=padding)
+
+
+class _Phase(NamedTuple):
+    """One phase class along one spatial axis: the input positions ``start + s * a``
+    (``a < count``), read only through the kernel offsets ``first_tap + s * i``
+    (``i < taps``), the ``i``-th by output position ``a + shift - i`` where that exists."""
+    start: int
+    count: int
+    first_tap: int
+    taps: int
+    shift: int
+
+
+def _phases(size: int, k: int, s: int, p: int) -> list[_Phase]:
+    """The ``s`` phase classes of an axis of ``size`` inputs, kernel size ``k``, stride
+    ``s``, padding ``p``. Output ``o`` reads padded position ``o * s + t`` through offset
+    ``t``; input position ``start + s * a`` is padded position
+    ``s * (a + shift) + first_tap`` with ``(shift, first_tap) = divmod(start + p, s)``, so
+    only the offsets ``t = first_tap + s * i`` read it, from ``o = a + shift - i``. A count
+    is 0 for a class past the input's end or one that no offset of the kernel reads."""
+    phases = []
+    for start in range(s):
+        shift, first_tap = divmod(start + p, s)
+        phases.append(_Phase(start, _ceil_div(size - start, s), first_tap,
+                             _ceil_div(k - first_tap, s), shift))
+    return phases
 
 
 def _channels_padded(a2d, channels):
@@ -141,28 +177,29 @@ def _forward_kernel(x_ref, w_ref, o_ref, *, geo, block_cin, acc_dtype):
     o_ref[...] = (-jnp.sum(acc, axis=1)).astype(o_ref.dtype)
 
 
-def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, block_cout, acc_dtype):
-    """One (input pixels x cin) tile of ``sum_taps sum_cout g * clip(W - x, -1, 1)``."""
+def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, rows_phase, cols_phase,
+                       block_cout, acc_dtype):
+    """One (input pixels x cin) tile of ``sum_taps sum_cout g * clip(W - x, -1, 1)``, over
+    the pixels of one phase class (:class:`_Phase` along rows and columns) and only the
+    taps that read them."""
     bm, bc = o_ref.shape
     h, w, ho, wo = geo["h"], geo["w"], geo["ho"], geo["wo"]
-    s, p, kw = geo["stride"], geo["padding"], geo["kw"]
-    pixel = jnp.minimum(pl.program_id(0) * bm + _iota(bm), geo["n"] * h * w - 1)
-    image, rest = _div(pixel, h * w), _rem(pixel, h * w)
-    down = _div(rest, w) + p      # this pixel's row and column in the padded input
-    right = _rem(rest, w) + p
+    s, kw = geo["stride"], geo["kw"]
+    hc, wc = rows_phase.count, cols_phase.count
+    pixel = jnp.minimum(pl.program_id(0) * bm + _iota(bm), geo["n"] * hc * wc - 1)
+    image, rest = _div(pixel, hc * wc), _rem(pixel, hc * wc)
+    a, b = _div(rest, wc), _rem(rest, wc)         # the pixel's row and column in its class
+    x_rows = (image * h + rows_phase.start + s * a) * w + cols_phase.start + s * b
     cols_in = pl.ds(pl.multiple_of(pl.program_id(1) * bc, bc), bc)
-    xs = x_ref[pixel, cols_in].astype(acc_dtype)                           # (bm, bc)
+    xs = x_ref[x_rows, cols_in].astype(acc_dtype)                          # (bm, bc)
     chunks = g_ref.shape[1] // block_cout
 
-    def add_tap(tap, acc):
-        # The output pixel (oh, ow) reading this input pixel through this tap has
-        # oh * s + tap_row == down; clamp before dividing so the operands are non-negative.
-        th, tw = down - _div(tap, kw), right - _rem(tap, kw)
-        thc, twc = jnp.maximum(th, 0), jnp.maximum(tw, 0)
-        oh, ow = _div(thc, s), _div(twc, s)
-        reads = ((th >= 0) & (tw >= 0) & (_rem(thc, s) == 0) & (_rem(twc, s) == 0)
-                 & (oh < ho) & (ow < wo))
+    def add_tap(t, acc):
+        ti, tj = _div(t, cols_phase.taps), _rem(t, cols_phase.taps)  # the class's taps
+        oh, ow = a + (rows_phase.shift - ti), b + (cols_phase.shift - tj)
+        reads = (oh >= 0) & (oh < ho) & (ow >= 0) & (ow < wo)
         rows = jnp.where(reads, (image * ho + oh) * wo + ow, 0)   # 0: any valid row
+        tap = (rows_phase.first_tap + s * ti) * kw + cols_phase.first_tap + s * tj
 
         def add_chunk(c, acc):
             cols = pl.ds(pl.multiple_of(c * block_cout, block_cout), block_cout)
@@ -174,7 +211,8 @@ def _input_grad_kernel(x_ref, w_ref, g_ref, o_ref, *, geo, block_cout, acc_dtype
 
         return _loop(chunks, add_chunk, acc)
 
-    acc = _loop(geo["kh"] * kw, add_tap, jnp.zeros((bm, bc, block_cout), acc_dtype))
+    acc = _loop(rows_phase.taps * cols_phase.taps, add_tap,
+                jnp.zeros((bm, bc, block_cout), acc_dtype))
     o_ref[...] = jnp.sum(acc, axis=2).astype(o_ref.dtype)
 
 
@@ -219,27 +257,57 @@ def _forward(x, kernel, geo, tiles, interpret):
     return out[:pixels, :geo["cout"]].reshape(geo["n"], geo["ho"], geo["wo"], geo["cout"])
 
 
+def _interleave(classes, h, w):
+    """``dx`` from its phase classes, ``classes[i][j]`` holding the pixels
+    ``(i + s * a, j + s * b)``: each zero-padded to ``ceil(h / s) x ceil(w / s)``, stacked
+    as ``(s, s, n, h', w', c)``, its phase axes moved behind the spatial ones and merged
+    with them, which interleaves the rows and columns; the rows and columns past ``h`` and
+    ``w`` (padding) are sliced off. For stride 1 every step is one XLA drops: dx is the
+    kernel's output, reshaped."""
+    s = len(classes)
+    n, _, _, c = classes[0][0].shape
+    hs, ws = _ceil_div(h, s), _ceil_div(w, s)
+    stacked = jnp.stack([jnp.stack([
+        jnp.pad(part, ((0, 0), (0, hs - part.shape[1]), (0, ws - part.shape[2]), (0, 0)))
+        for part in row]) for row in classes])
+    return stacked.transpose(2, 3, 0, 4, 1, 5).reshape(n, hs * s, ws * s, c)[:, :h, :w]
+
+
 def _input_grad(x, kernel, g, geo, tiles, interpret):
+    """One kernel launch per phase class (:func:`_phases`) that some tap reads; x and g
+    are gathered from in place, only the classes' outputs are new."""
     acc = _accumulation_dtype(jnp.result_type(x, kernel))
     cin_p, block_cin, cout_p, block_cout = _blocks(geo["cin"], geo["cout"], tiles)
-    pixels = geo["n"] * geo["h"] * geo["w"]
-    pixels_p = _round_up(pixels, tiles.pixels)
     x_rows = _channels_padded(x.reshape(-1, geo["cin"]), cin_p)
     g_rows = _channels_padded(g.reshape(-1, geo["cout"]), cout_p)
     w = _padded_taps(kernel, cin_p, cout_p)
-    dx = pl.pallas_call(
-        functools.partial(_input_grad_kernel, geo=geo, block_cout=block_cout, acc_dtype=acc),
-        out_shape=jax.ShapeDtypeStruct((pixels_p, cin_p), acc),
-        grid=(pixels_p // tiles.pixels, cin_p // block_cin),
-        in_specs=[pl.BlockSpec(x_rows.shape, lambda i, j: (0, 0)),
-                  pl.BlockSpec((w.shape[0], block_cin, cout_p), lambda i, j: (0, j, 0)),
-                  pl.BlockSpec(g_rows.shape, lambda i, j: (0, 0))],
-        out_specs=pl.BlockSpec((tiles.pixels, block_cin), lambda i, j: (i, j)),
-        compiler_params=_compiler_params(tiles),
-        interpret=interpret,
-        name="adder_input_grad",
-    )(x_rows, w, g_rows)
-    return dx[:pixels, :geo["cin"]].reshape(x.shape)
+
+    def phase_class(rows_phase, cols_phase):
+        shape = (geo["n"], rows_phase.count, cols_phase.count, geo["cin"])
+        pixels = geo["n"] * rows_phase.count * cols_phase.count
+        if pixels == 0 or rows_phase.taps * cols_phase.taps == 0:
+            return jnp.zeros(shape, acc)             # no pixels, or no tap reads them
+        pixels_p = _round_up(pixels, tiles.pixels)
+        dx = pl.pallas_call(
+            functools.partial(_input_grad_kernel, geo=geo, rows_phase=rows_phase,
+                              cols_phase=cols_phase, block_cout=block_cout, acc_dtype=acc),
+            out_shape=jax.ShapeDtypeStruct((pixels_p, cin_p), acc),
+            grid=(pixels_p // tiles.pixels, cin_p // block_cin),
+            in_specs=[pl.BlockSpec(x_rows.shape, lambda i, j: (0, 0)),
+                      pl.BlockSpec((w.shape[0], block_cin, cout_p), lambda i, j: (0, j, 0)),
+                      pl.BlockSpec(g_rows.shape, lambda i, j: (0, 0))],
+            out_specs=pl.BlockSpec((tiles.pixels, block_cin), lambda i, j: (i, j)),
+            compiler_params=_compiler_params(tiles),
+            interpret=interpret,
+            name="adder_input_grad",
+        )(x_rows, w, g_rows)
+        return dx[:pixels, :geo["cin"]].reshape(shape)
+
+    s, p = geo["stride"], geo["padding"]
+    return _interleave([[phase_class(rows_phase, cols_phase)
+                         for cols_phase in _phases(geo["w"], geo["kw"], s, p)]
+                        for rows_phase in _phases(geo["h"], geo["kh"], s, p)],
+                       geo["h"], geo["w"])
 
 
 @functools.lru_cache(maxsize=None)
