@@ -12,7 +12,8 @@ implementation named in ``--impl``:
 
 Implementations (``--impl``, comma-separated): ``auto``, ``xla``, ``pallas``, ``native`` (the
 ``implementation=`` of ``awn_jax.ops.adder_conv2d``); ``pallas:pixels=128:warps=8`` and the like
-(the Pallas kernels with other ``adder_pallas.Tiles``); ``file=PATH``: the
+(the Pallas kernels with other ``adder_pallas.Tiles``; keys starting ``dx_``, e.g.
+``pallas:dx_pixels=32``, change only the input-gradient kernel's tiles); ``file=PATH``: the
 ``adder_conv2d(x, kernel, stride, padding, eta)`` of a Python file, e.g. a kernel module of an
 earlier commit (``git show REV:awn_jax/ops/adder_pallas.py > old_pallas.py``), so two versions
 are timed in one run; ``naive``: the plain
@@ -152,9 +153,12 @@ def parse_impl(spec: str) -> Impl:
         return Impl(spec, lambda s, p: conv_fn(s, p, lax.Precision.HIGHEST), kind="conv")
     if spec.startswith("pallas:"):
         fields = dict(item.split("=", 1) for item in spec[len("pallas:"):].split(":"))
-        tiles = adder_pallas.Tiles(**{key: int(value) for key, value in fields.items()})
+        tiles = adder_pallas.Tiles(**{key: int(value) for key, value in fields.items()
+                                      if not key.startswith("dx_")})
+        dx_tiles = tiles._replace(**{key[len("dx_"):]: int(value)
+                                     for key, value in fields.items() if key.startswith("dx_")})
         return Impl(spec, lambda s, p: lambda x, k: adder_pallas.adder_conv2d(
-            x, k, s, p, ETA, tiles=tiles))
+            x, k, s, p, ETA, tiles=tiles, input_grad_tiles=dx_tiles))
     label = spec if spec != "auto" else f"auto ({resolve_implementation('auto')})"
     resolve_implementation(spec)  # an unknown name fails here, before any measurement
     return Impl(label, lambda s, p: lambda x, k: adder_conv2d(x, k, s, p, ETA,
@@ -289,7 +293,8 @@ def main():
     parser.add_argument("--impl", default="auto",
                         help="comma-separated implementations: auto, xla, pallas, native, "
                              "naive, conv-fp32, "
-                             "pallas:pixels=..:channels=..:accumulator=..:warps=..")
+                             "pallas:pixels=..:channels=..:accumulator=..:warps=.. "
+                             "(dx_pixels=.. etc.: input-gradient kernel only), file=PATH")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-sample-ms", type=float, default=20.0,
                         help="a sample averages back-to-back calls until it lasts this long")

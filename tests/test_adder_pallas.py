@@ -133,8 +133,24 @@ def test_backward_is_the_official_rule_not_the_true_derivative():
 
 def test_bad_tiles_give_a_clear_error():
     x, kernel, _, _, _ = _inputs(GRID[0], jnp.float32)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="tiles.pixels must be a power of two"):
         adder_pallas.adder_conv2d(x, kernel, tiles=adder_pallas.Tiles(pixels=48))
+    with pytest.raises(ValueError, match="input_grad_tiles.warps must be a power of two"):
+        adder_pallas.adder_conv2d(x, kernel, input_grad_tiles=adder_pallas.Tiles(warps=3))
+
+
+def test_input_gradient_tiles_of_its_own():
+    """Other tiles for the input-gradient kernel only: same values and gradients."""
+    x, kernel, g, stride, padding = _inputs(GRID[2], jnp.float32)
+
+    def value_and_grads(input_grad_tiles):
+        y, vjp = jax.vjp(lambda a, b: adder_pallas.adder_conv2d(
+            a, b, stride, padding, 0.2, input_grad_tiles=input_grad_tiles, interpret=True),
+            x, kernel)
+        return (y, *vjp(g))
+
+    chex.assert_trees_all_close(value_and_grads(SMALL), value_and_grads(None), rtol=1e-5,
+                                atol=1e-5)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
@@ -181,7 +197,6 @@ def _fake_native(available, calls):
 def test_auto_picks_pallas_on_gpu_native_on_cpu_else_xla(monkeypatch, backend, native,
                                                          expected):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(jax, "device_count", lambda: 1)
     # None in sys.modules makes `import` raise ImportError, as when the module is missing.
     monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native",
                         None if native == "absent" else _fake_native(native == "available", []))
@@ -206,7 +221,6 @@ def test_dispatch_calls_the_chosen_implementation(monkeypatch):
     # here, on CPU, in interpret mode.
     expected = adder.adder_conv2d(x, kernel, stride, padding, implementation="xla")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "device_count", lambda: 1)
     monkeypatch.setenv("AWN_PALLAS_INTERPRET", "1")
     y = jax.jit(lambda a, b: adder.adder_conv2d(a, b, stride, padding))(x, kernel)
     assert "pallas_call" in str(jax.make_jaxpr(

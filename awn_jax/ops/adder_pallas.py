@@ -311,7 +311,7 @@ def _input_grad(x, kernel, g, geo, tiles, interpret):
 
 
 @functools.lru_cache(maxsize=None)
-def _op(tiles, interpret):
+def _op(tiles, input_grad_tiles, interpret):
     """The custom_vjp op of one tile choice and mode (built once each): the Pallas forward
     and input gradient, the shared XLA weight gradient and scaling of ``adder.adder_vjp``."""
     def forward(x, kernel, stride, padding):
@@ -320,22 +320,32 @@ def _op(tiles, interpret):
 
     def input_grad(x, kernel, g, stride, padding):
         geo = _geometry(x.shape, kernel.shape, stride, padding)
-        return _input_grad(x, kernel, g, geo, tiles, interpret)
+        return _input_grad(x, kernel, g, geo, input_grad_tiles, interpret)
 
     return adder_vjp(forward, input_grad, _weight_grad)
 
 
+def _check_tiles(tiles: Tiles, argument: str):
+    for name, value in tiles._asdict().items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"adder_pallas: {argument}.{name} must be a power of two, "
+                             f"got {value}")
+
+
 def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2, *,
-                 tiles: Tiles = Tiles(), interpret: bool | None = None):
+                 tiles: Tiles = Tiles(), input_grad_tiles: Tiles | None = None,
+                 interpret: bool | None = None):
     """Adder convolution with AdderNet's gradients, as Pallas kernels.
 
     Arguments and result as :func:`awn_jax.ops.adder.adder_conv2d`; ``tiles``: tile sizes
-    (:class:`Tiles`, powers of two); ``interpret`` as in the module docstring (``None``:
-    interpreted unless the default backend is a GPU, or as ``$AWN_PALLAS_INTERPRET`` says).
+    (:class:`Tiles`, powers of two) of the forward kernel, and of the input-gradient kernel
+    unless ``input_grad_tiles`` gives its own; ``interpret`` as in the module docstring
+    (``None``: interpreted unless the default backend is a GPU, or as
+    ``$AWN_PALLAS_INTERPRET`` says).
     """
     _check_args(x, kernel, stride, padding)
-    for name, value in tiles._asdict().items():
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"adder_pallas: tiles.{name} must be a power of two, got {value}")
-    return _op(tiles, resolve_interpret(interpret))(
+    input_grad_tiles = tiles if input_grad_tiles is None else input_grad_tiles
+    _check_tiles(tiles, "tiles")
+    _check_tiles(input_grad_tiles, "input_grad_tiles")
+    return _op(tiles, input_grad_tiles, resolve_interpret(interpret))(
         x, kernel, stride, padding, None if eta is None else float(eta))
