@@ -3,6 +3,7 @@
 # kept so the numbers in bench/RESULTS.md and docs/ROBUSTNESS.md can be traced to a command.
 #
 #   PHASES="1 2 3" bash bench/gpu_checks.sh OUT_DIR DATA_DIR WORKDIR...
+#   PHASES="4 2" OLD_PALLAS=old_pallas.py bash bench/gpu_checks.sh OUT_DIR -
 #
 # The GPU machine has JAX with CUDA, flax, optax, orbax and chex but not ml_collections or
 # tensorboardX: those travel as wheels in .whl/core (pip download --no-deps); its own
@@ -12,7 +13,11 @@
 #   2. train steps (alone): images/s of CNN / ANN / ANN-WS / ANN-AWN ResNet-20 steps;
 #   3. evaluation of the CPU-trained runs in WORKDIR... from the test images in DATA_DIR,
 #      in parallel processes (compilation is CPU-bound, the GPU mostly idle): the Table-1
-#      attacks x BN modes, the batch study and the two PGD sweeps.
+#      attacks x BN modes, the batch study and the two PGD sweeps;
+#   4. a kernel change, A/B (alone on the GPU): the Pallas kernels against an earlier version
+#      of adder_pallas.py ($OLD_PALLAS, e.g. `git show REV:awn_jax/ops/adder_pallas.py`) on the
+#      strided layers, input-gradient tile variants (checked against the float64 reference
+#      first), and the compiled memory of the Pallas layers.
 # Each step has its own time limit, so a slow step loses only its own results.
 set -u
 out=$1 data=$2; shift 2
@@ -32,6 +37,18 @@ log "phase 1: adder kernels"
 timeout 150 python3 bench/adder_conv.py --batch 256 \
   --impl pallas,xla,conv-fp32,naive,pallas:pixels=128:warps=8 --repeats 3 \
   --reference-max-mb 4096 --check-batch 2 --time-budget-s 120 --output "$out/adder_conv_gpu.md"
+
+fi
+if [[ $phases == *4* ]]; then
+log "phase 4: kernel change A/B, tile variants, memory"
+timeout 130 python3 bench/adder_conv.py --batch 256 --layers 1,3,5,6 \
+  --impl "pallas,file=${OLD_PALLAS:?set OLD_PALLAS},conv-fp32" --repeats 5 --check-batch 0 \
+  --time-budget-s 110 --output "$out/adder_conv_ab.md"
+timeout 130 python3 bench/adder_conv.py --batch 256 --layers 1,2,4 --repeats 5 --check-batch 2 \
+  --impl pallas,pallas:dx_pixels=32,pallas:dx_pixels=32:dx_channels=16,pallas:dx_warps=8,\
+pallas:dx_accumulator=4096 --time-budget-s 110 --output "$out/adder_conv_dx_tiles.md"
+timeout 40 python3 bench/adder_memory.py --batch 256 --impl pallas --layers 0,4 \
+  > "$out/adder_memory_gpu.md" 2>&1; cat "$out/adder_memory_gpu.md"
 
 fi
 if [[ $phases == *2* ]]; then
