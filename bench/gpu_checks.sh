@@ -15,9 +15,9 @@
 #      in parallel processes (compilation is CPU-bound, the GPU mostly idle): the Table-1
 #      attacks x BN modes, the batch study and the two PGD sweeps;
 #   4. a kernel change, A/B (alone on the GPU): the Pallas kernels against an earlier version
-#      of adder_pallas.py ($OLD_PALLAS, e.g. `git show REV:awn_jax/ops/adder_pallas.py`) on the
-#      strided layers, input-gradient tile variants (checked against the float64 reference
-#      first), and the compiled memory of the Pallas layers.
+#      of adder_pallas.py ($OLD_PALLAS, e.g. `git show REV:awn_jax/ops/adder_pallas.py`), both
+#      checked against the float64 reference first; tile variants ($DX_VARIANTS) timed in two
+#      orders; the compiled memory of the Pallas layers.
 # Each step has its own time limit, so a slow step loses only its own results.
 set -u
 out=$1 data=$2; shift 2
@@ -41,12 +41,17 @@ timeout 150 python3 bench/adder_conv.py --batch 256 \
 fi
 if [[ $phases == *4* ]]; then
 log "phase 4: kernel change A/B, tile variants, memory"
-timeout 130 python3 bench/adder_conv.py --batch 256 --layers 1,3,5,6 \
-  --impl "pallas,file=${OLD_PALLAS:?set OLD_PALLAS},conv-fp32" --repeats 5 --check-batch 0 \
-  --time-budget-s 110 --output "$out/adder_conv_ab.md"
-timeout 130 python3 bench/adder_conv.py --batch 256 --layers 1,2,4 --repeats 5 --check-batch 2 \
-  --impl pallas,pallas:dx_pixels=32,pallas:dx_pixels=32:dx_channels=16,pallas:dx_warps=8,\
-pallas:dx_accumulator=4096 --time-budget-s 110 --output "$out/adder_conv_dx_tiles.md"
+timeout 150 python3 bench/adder_conv.py --batch 256 --repeats 5 --check-batch 2 \
+  --impl "pallas,file=${OLD_PALLAS:?set OLD_PALLAS},conv-fp32" --time-budget-s 130 \
+  --output "$out/adder_conv_ab.md"
+# Tile variants (adder_conv.py --impl), timed twice, the second time in reverse order.
+variants=${DX_VARIANTS:-pallas,pallas:dx_pixels=32:dx_channels=16,pallas:dx_accumulator=4096}
+reversed=$(tr , '\n' <<< "$variants" | tac | paste -sd,)
+round=0
+for order in "$variants" "$reversed"; do
+  timeout 130 python3 bench/adder_conv.py --batch 256 --repeats 5 --check-batch 0 \
+    --impl "$order" --time-budget-s 110 --output "$out/adder_conv_tiles_$((++round)).md"
+done
 timeout 40 python3 bench/adder_memory.py --batch 256 --impl pallas --layers 0,4 \
   > "$out/adder_memory_gpu.md" 2>&1; cat "$out/adder_memory_gpu.md"
 

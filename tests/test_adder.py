@@ -74,6 +74,17 @@ def test_float32_within_1e5_of_float64_reference(case, eta):
         _assert_close(dw, rdw, 1e-5)
 
 
+@pytest.mark.parametrize("case", GRID)
+def test_weight_gradient_by_convolution_transpose_matches_reference(case):
+    """The Pallas path's weight gradient (a multiplying convolution's kernel gradient)."""
+    with jax.enable_x64():
+        x, kernel, g, stride, padding = _inputs(case, jnp.float64)
+        dw = jax.jit(adder._weight_grad_by_conv, static_argnums=(3, 4))(
+            x, kernel, g, stride, padding)
+        _, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, None)
+        _assert_close(dw, rdw, 1e-12)
+
+
 def test_backward_is_the_official_rule_not_the_true_derivative():
     """The HardTanh input gradient and full-precision weight gradient differ from the
     derivative of -|x - w| (which is sign-valued); the op must use the former."""

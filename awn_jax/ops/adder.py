@@ -190,6 +190,24 @@ def _weight_grad(x, kernel, g, stride, padding):
     return patches_t_g - kernel.astype(acc) * jnp.sum(g, axis=(0, 1, 2), dtype=acc)
 
 
+def _weight_grad_by_conv(x, kernel, g, stride, padding):
+    """:func:`_weight_grad` with ``P^T g`` as the kernel gradient of a multiplying
+    convolution (``jax.linear_transpose`` of ``lax.conv`` in its kernel): one cuDNN
+    weight-gradient call on a GPU instead of a loop of ``kh*kw`` matrix products, each its own
+    kernel launch. (On a CPU XLA's convolution gradients are slow; ``_weight_grad`` stays.)"""
+    acc = _accumulation_dtype(jnp.result_type(x, kernel))
+
+    def conv(k):
+        # HIGHEST, as in _weight_grad: no TF32 rounding before the cancellation.
+        return lax.conv_general_dilated(
+            x.astype(acc), k, (stride, stride), [(padding, padding)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+
+    patches_t_g, = jax.linear_transpose(conv, jax.ShapeDtypeStruct(kernel.shape, acc))(
+        g.astype(acc))
+    return patches_t_g - kernel.astype(acc) * jnp.sum(g, axis=(0, 1, 2), dtype=acc)
+
+
 def adaptive_gradient_scale(grad, eta):
     """AdderNet's per-layer scaling: ``eta * sqrt(numel) * G / max(||G||_2, 1e-12)``."""
     norm = jnp.sqrt(jnp.sum(jnp.square(grad.astype(_accumulation_dtype(grad.dtype)))))

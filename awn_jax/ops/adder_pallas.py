@@ -23,8 +23,8 @@ scaling. Two kernels, both direct (no patch matrix in memory):
   nothing and is zero); the classes' results are interleaved into ``dx``. Stride 1 is
   one class: one call over all pixels and taps, its output reshaped into ``dx``.
 
-The weight gradient, linear in the patches, stays a matrix product in XLA
-(``adder._weight_grad``), which the tensor cores do best.
+The weight gradient, linear in the patches, is left to XLA as the kernel gradient of a
+multiplying convolution (``adder._weight_grad_by_conv``: one cuDNN call, in float32).
 
 Tile sizes are :class:`Tiles`, powers of two as Triton requires. Output rows (in the input
 gradient, each phase class's) are padded to a multiple of the pixel tile (the extra rows are
@@ -48,8 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from awn_jax.ops.adder import (_accumulation_dtype, _check_args, _weight_grad, adder_vjp,
-                               output_size)
+from awn_jax.ops.adder import (_accumulation_dtype, _check_args, _weight_grad_by_conv,
+                               adder_vjp, output_size)
 
 
 class Tiles(NamedTuple):
@@ -313,7 +313,7 @@ def _input_grad(x, kernel, g, geo, tiles, interpret):
 @functools.lru_cache(maxsize=None)
 def _op(tiles, input_grad_tiles, interpret):
     """The custom_vjp op of one tile choice and mode (built once each): the Pallas forward
-    and input gradient, the shared XLA weight gradient and scaling of ``adder.adder_vjp``."""
+    and input gradient, the XLA weight gradient and the scaling of ``adder.adder_vjp``."""
     def forward(x, kernel, stride, padding):
         geo = _geometry(x.shape, kernel.shape, stride, padding)
         return _forward(x, kernel, geo, tiles, interpret)
@@ -322,7 +322,7 @@ def _op(tiles, input_grad_tiles, interpret):
         geo = _geometry(x.shape, kernel.shape, stride, padding)
         return _input_grad(x, kernel, g, geo, input_grad_tiles, interpret)
 
-    return adder_vjp(forward, input_grad, _weight_grad)
+    return adder_vjp(forward, input_grad, _weight_grad_by_conv)
 
 
 def _check_tiles(tiles: Tiles, argument: str):
