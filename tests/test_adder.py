@@ -2,6 +2,7 @@
 AdderNet backward rules, over a grid of shapes, strides, paddings and kernel sizes."""
 
 import functools
+import sys
 
 import chex
 import jax
@@ -162,3 +163,17 @@ def test_auto_keeps_the_kernels_on_several_devices(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     assert adder.resolve_implementation("auto") == "pallas"
+
+
+def test_gpu_without_pallas_falls_back_to_xla(monkeypatch):
+    """A JAX without the Pallas Triton lowering (deprecated since 0.11) must not break auto."""
+    monkeypatch.delenv(adder.IMPLEMENTATION_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # None in sys.modules makes `import` raise ImportError, as when the module cannot import.
+    monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_pallas", None)
+    with pytest.warns(RuntimeWarning, match="Pallas kernels do not import"):
+        assert adder.resolve_implementation("auto") == "xla"
+    x, kernel, _, stride, padding = _inputs(GRID[0], jnp.float32)
+    with pytest.raises(RuntimeError, match="pallas"), pytest.warns(RuntimeWarning):
+        adder.adder_conv2d(x, kernel, stride, padding, implementation="pallas")
+

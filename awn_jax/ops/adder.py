@@ -37,6 +37,7 @@ import functools
 import importlib
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -302,13 +303,26 @@ def _native_module():
     return adder_native if adder_native.is_available() else None
 
 
+def _pallas_module():
+    """:mod:`awn_jax.ops.adder_pallas`, or None where it does not import: its Triton lowering
+    is deprecated since JAX 0.11 (Mosaic GPU is the successor) and may be gone from a newer
+    JAX, which should then fall back to xla, not fail."""
+    try:
+        return importlib.import_module("awn_jax.ops.adder_pallas")
+    except ImportError as error:
+        warnings.warn(f"adder_conv2d: the Pallas kernels do not import ({error}); "
+                      "using the XLA formulation", RuntimeWarning, stacklevel=3)
+        return None
+
+
 # Overrides "auto" for a whole process (e.g. to evaluate saved runs with another kernel).
 IMPLEMENTATION_ENV = "AWN_JAX_ADDER_IMPLEMENTATION"
 
 
 def resolve_implementation(implementation: str = "auto") -> str:
     """The implementation ``adder_conv2d`` runs: ``"auto"`` is ``$AWN_JAX_ADDER_IMPLEMENTATION``
-    when set, else pallas on a GPU, native on a CPU where it is built, xla otherwise."""
+    when set, else pallas on a GPU (where it imports), native on a CPU where it is built, xla
+    otherwise."""
     if implementation == "auto":
         implementation = os.environ.get(IMPLEMENTATION_ENV) or "auto"
     if implementation not in IMPLEMENTATIONS:
@@ -317,7 +331,7 @@ def resolve_implementation(implementation: str = "auto") -> str:
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
-    if backend == "gpu":
+    if backend == "gpu" and _pallas_module() is not None:
         return "pallas"
     if backend == "cpu" and _native_module() is not None:
         return "native"
@@ -343,8 +357,11 @@ def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None
     eta = None if eta is None else float(eta)
     chosen = resolve_implementation(implementation)
     if chosen == "pallas":
-        from awn_jax.ops import adder_pallas
-        return adder_pallas.adder_conv2d(x, kernel, stride, padding, eta)
+        pallas = _pallas_module()
+        if pallas is None:
+            raise RuntimeError("adder_conv2d: implementation='pallas' but "
+                               "awn_jax.ops.adder_pallas does not import with this JAX")
+        return pallas.adder_conv2d(x, kernel, stride, padding, eta)
     if chosen == "native":
         native = _native_module()
         if native is None:
