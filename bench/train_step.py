@@ -3,7 +3,9 @@
 Every layer type runs the same step (forward, the adder layers' custom backward,
 optimizer update) on the same random CIFAR-shaped batch in one process, so the ratios
 against the CNN are comparable. Compile time is excluded; the median of ``--repeats``
-timed steps is reported.
+timed steps is reported, and the step's compiled memory (XLA's buffer assignment: arguments,
+outputs and the temp arena of all intermediates, ``memory_analysis()``), the whole network's
+counterpart of ``adder_memory.py``'s per-layer figures.
 
     python bench/train_step.py --batch 128 --repeats 5
 """
@@ -36,8 +38,9 @@ def _cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
-def time_train_step(layer_type: str, batch: int, repeats: int, model: str) -> tuple[float, float]:
-    """(median seconds per step, compile seconds) for one layer type."""
+def time_train_step(layer_type: str, batch: int, repeats: int, model: str):
+    """(median seconds per step, compile seconds, compiled MB: temp, total) of one layer
+    type."""
     config = default.get_config()
     config.update(dict(dataset="synthetic", synthetic_num_train=batch, synthetic_num_test=batch,
                        image_size=32, batch_size=batch, layer_type=layer_type, model=model,
@@ -56,7 +59,12 @@ def time_train_step(layer_type: str, batch: int, repeats: int, model: str) -> tu
         state, metrics = trainer.train_step(state, images)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), compile_seconds
+    with jax.set_mesh(trainer.mesh):  # trainer.train_step wraps the jitted step (__wrapped__)
+        stats = trainer.train_step.__wrapped__.lower(state, images).compile().memory_analysis()
+    temp = stats.temp_size_in_bytes / 2 ** 20
+    total = temp + (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                    - stats.alias_size_in_bytes) / 2 ** 20
+    return statistics.median(times), compile_seconds, temp, total
 
 
 def main():
@@ -69,14 +77,17 @@ def main():
     print(f"# train step, {args.model}, batch {args.batch}, median of {args.repeats}")
     print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"{jax.devices()[0].platform}; load average at start {os.getloadavg()[0]:.2f}")
-    print("| layer type | ms / step | images/s | step time vs conv | compile s |")
-    print("|---|---|---|---|---|")
+    print("| layer type | ms / step | images/s | step time vs conv | compile s "
+          "| temp MB | total MB | total vs conv |")
+    print("|---|---|---|---|---|---|---|---|")
     baseline = None
     for layer_type in args.layer_types:
-        seconds, compile_seconds = time_train_step(layer_type, args.batch, args.repeats, args.model)
-        baseline = baseline or seconds
-        print(f"| {layer_type} | {1e3 * seconds:.0f} | {args.batch / seconds:.1f} | "
-              f"{seconds / baseline:.2f}x | {compile_seconds:.0f} |", flush=True)
+        seconds, compile_seconds, temp, total = time_train_step(
+            layer_type, args.batch, args.repeats, args.model)
+        baseline = baseline or (seconds, total)
+        print(f"| {layer_type} | {1e3 * seconds:.1f} | {args.batch / seconds:.1f} | "
+              f"{seconds / baseline[0]:.2f}x | {compile_seconds:.0f} | {temp:.1f} | {total:.1f} "
+              f"| {total / baseline[1]:.2f}x |", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
