@@ -262,8 +262,8 @@ def _interleave(classes, h, w):
     ``(i + s * a, j + s * b)``: each zero-padded to ``ceil(h / s) x ceil(w / s)``, stacked
     as ``(s, s, n, h', w', c)``, its phase axes moved behind the spatial ones and merged
     with them, which interleaves the rows and columns; the rows and columns past ``h`` and
-    ``w`` (padding) are sliced off. For stride 1 every step is one XLA drops: dx is the
-    kernel's output, reshaped."""
+    ``w`` (padding) are sliced off. For stride 1 XLA elides every step: dx is the kernel's
+    output, reshaped."""
     s = len(classes)
     n, _, _, c = classes[0][0].shape
     hs, ws = _ceil_div(h, s), _ceil_div(w, s)
