@@ -108,6 +108,20 @@ def test_eight_devices_give_the_loss_of_one(monkeypatch):
     chex.assert_trees_all_close(p1, p8, rtol=1e-4, atol=1e-5)
 
 
+def test_eight_device_run_matches_one_device_run(tmp_path):
+    """The whole loop on 8 devices: the adder kernels run per batch shard in training, and
+    in evaluation test batches of 20 run whole on every device while the last one, of 8,
+    is split; the epoch's metrics are the single device's."""
+    metrics = {devices: train_and_evaluate(_config(num_epochs=1, num_devices=devices,
+                                                   eval_batch_size=20),
+                                           str(tmp_path / f"devices_{devices}"))
+               for devices in (1, 8)}
+    for key in ("train_loss", "test_loss", "bn_mean_drift"):
+        np.testing.assert_allclose(metrics[8][key], metrics[1][key], rtol=1e-4)
+    # An argmax may flip on a near tie after a different summation order: one of 48 images.
+    assert abs(metrics[8]["test_accuracy"] - metrics[1]["test_accuracy"]) <= 1 / 48 + 1e-9
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
     config = _config(batch_size=36, num_devices=8)
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
