@@ -204,7 +204,7 @@ def _sweep_row(run, mode, num_examples, batch_size, clean, **values):
 def format_sweep(rows, x: str) -> str:
     """Markdown: one row per (run, BN mode), one column per value of ``x``."""
     xs = sorted({row[x] for row in rows})
-    lines = [f"| run | BN mode | clean | " + " | ".join(f"{x}={v:g}" for v in xs) + " |",
+    lines = ["| run | BN mode | clean | " + " | ".join(f"{x}={v:g}" for v in xs) + " |",
              "|" + "---|" * (3 + len(xs))]
     for (label, mode), group in _grouped(rows).items():
         by_x = {row[x]: row["accuracy"] for row in group}

@@ -20,7 +20,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from awn_jax import data  # noqa: E402

@@ -117,7 +117,6 @@ if MODE == "small" and "jax" not in sys.modules:
 
 import jax
 import matplotlib.pyplot as plt
-import numpy as np
 
 from awn_jax import counting, robustness
 from awn_jax import robustness_studies as studies

@@ -1,7 +1,10 @@
 """Shared by the adder kernels' test files: the plain reference, compiled once per shape
-(op-by-op dispatch of its unrolled taps is what is slow), and random inputs of a case."""
+(op-by-op dispatch of its unrolled taps is what is slow), random inputs of a case, and the
+comparison of an implementation's value and gradients with the float64 reference."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from awn_jax.ops import reference
 
@@ -21,3 +24,24 @@ def inputs(case, dtype, seed=0):
     wo = (w + 2 * padding - k) // stride + 1
     g = jax.random.normal(kg, (n, ho, wo, cout), dtype)
     return x, kernel, g, stride, padding
+
+
+def assert_close(actual, expected, rtol):
+    """Relative to the largest magnitude of the expected tensor, so near-zero entries of a
+    sum with cancellation do not dominate."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, rtol=rtol,
+                               atol=rtol * max(np.abs(expected).max(), 1e-30))
+
+
+def assert_matches_reference(y, dx, dw, x, kernel, g, stride, padding, eta, rtol):
+    """An implementation's output ``y`` and AdderNet gradients ``dx``, ``dw`` at (x, kernel,
+    cotangent g) against the reference computed in float64 from the same inputs."""
+    with jax.enable_x64():
+        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x, kernel, g))
+        assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), rtol)
+        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
+        assert_close(dx, rdx, rtol)
+        assert_close(dw, rdw, rtol)
+

@@ -18,6 +18,7 @@ import pytest
 from awn_jax.ops import adder_native
 from awn_jax.ops import reference
 from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
+from adder_cases import assert_close, assert_matches_reference
 from adder_cases import inputs as _inputs
 
 needs_native = pytest.mark.skipif(
@@ -49,14 +50,6 @@ def _native_grads(x, kernel, g, stride, padding, eta):
     return vjp(g)
 
 
-def _assert_close(actual, expected, rtol):
-    """Relative to the largest magnitude of the expected tensor (sums with cancellation)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    np.testing.assert_allclose(actual, expected, rtol=rtol,
-                               atol=rtol * max(np.abs(expected).max(), 1e-30))
-
-
 @needs_native
 @pytest.mark.parametrize("case", GRID)
 @pytest.mark.parametrize("eta", [0.2, None])
@@ -66,11 +59,8 @@ def test_float64_matches_reference(case, eta):
         y = jax.jit(adder_native.adder_conv2d, static_argnums=(2, 3, 4))(
             x, kernel, stride, padding, eta)
         assert y.dtype == jnp.float64
-        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-12)
         dx, dw = _native_grads(x, kernel, g, stride, padding, eta)
-        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
-        _assert_close(dx, rdx, 1e-12)
-        _assert_close(dw, rdw, 1e-12)
+        assert_matches_reference(y, dx, dw, x, kernel, g, stride, padding, eta, 1e-12)
 
 
 @needs_native
@@ -81,12 +71,7 @@ def test_float32_within_1e5_of_float64_reference(case):
         x32, k32, stride, padding, 0.2)
     dx, dw = _native_grads(x32, k32, g32, stride, padding, 0.2)
     chex.assert_type([y, dx, dw], jnp.float32)
-    with jax.enable_x64():
-        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x32, k32, g32))
-        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-5)
-        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, 0.2)
-        _assert_close(dx, rdx, 1e-5)
-        _assert_close(dw, rdw, 1e-5)
+    assert_matches_reference(y, dx, dw, x32, k32, g32, stride, padding, 0.2, 1e-5)
 
 
 @needs_native
@@ -102,7 +87,7 @@ def test_hardtanh_rule_not_the_true_derivative():
     with jax.enable_x64():
         args = (jnp.asarray(a, jnp.float64) for a in (x, kernel, g))
         rdx, _ = adder_conv2d_reference_grads(*args, stride, padding, None)
-    _assert_close(dx, rdx, 1e-5)
+    assert_close(dx, rdx, 1e-5)
 
 
 @needs_native
@@ -115,16 +100,16 @@ def test_grad_jit_and_vmap():
     grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
     dw, dx = grad_fn(kernel, x)
     rdx, rdw = _native_grads(x, kernel, g, stride, padding, 0.2)
-    _assert_close(dx, rdx, 1e-6)
-    _assert_close(dw, rdw, 1e-6)
+    assert_close(dx, rdx, 1e-6)
+    assert_close(dw, rdw, 1e-6)
     # vmap over single examples: equal to the batched call.
     per_example = jax.vmap(
         lambda xi: adder_native.adder_conv2d(xi[None], kernel, stride, padding)[0])(x)
-    _assert_close(per_example, adder_native.adder_conv2d(x, kernel, stride, padding), 1e-6)
+    assert_close(per_example, adder_native.adder_conv2d(x, kernel, stride, padding), 1e-6)
     # vmap over a stack of kernels, through the custom backward.
     stacked = jax.vmap(grad_fn, in_axes=(0, None))(jnp.stack([kernel, 2.0 * kernel]), x)
-    _assert_close(stacked[0][0], dw, 1e-5)
-    _assert_close(stacked[0][1], grad_fn(2.0 * kernel, x)[0], 1e-5)
+    assert_close(stacked[0][0], dw, 1e-5)
+    assert_close(stacked[0][1], grad_fn(2.0 * kernel, x)[0], 1e-5)
 
 
 @needs_native
@@ -154,7 +139,7 @@ def test_non_square_kernel_takes_the_xla_path():
     with jax.enable_x64():
         expected = adder_conv2d_reference(jnp.asarray(x, jnp.float64),
                                           jnp.asarray(kernel, jnp.float64), 1, 1)
-    _assert_close(y, expected, 1e-5)
+    assert_close(y, expected, 1e-5)
 
 
 @needs_native

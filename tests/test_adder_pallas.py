@@ -17,7 +17,7 @@ import pytest
 
 import adder_cases
 from awn_jax.ops import adder, adder_pallas
-from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
+from adder_cases import adder_conv2d_reference, assert_close, assert_matches_reference
 
 
 # (batch, height, width, cin, cout, kernel_size, stride, padding); kernel_size an int or
@@ -63,13 +63,6 @@ def _pallas_value_and_grads(x, kernel, g, stride, padding, eta, tiles=adder_pall
     return (y, *vjp(g))
 
 
-def _assert_close(actual, expected, rtol):
-    """Relative to the largest magnitude of the expected tensor (sums with cancellation)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    np.testing.assert_allclose(actual, expected, rtol=rtol,
-                               atol=rtol * max(np.abs(expected).max(), 1e-30))
-
-
 @pytest.mark.parametrize("index", range(len(GRID)))
 def test_float64_matches_reference(index):
     case, eta = GRID[index], (0.2, None)[index % 2]   # both eta settings, half the compiles
@@ -77,10 +70,7 @@ def test_float64_matches_reference(index):
         x, kernel, g, stride, padding = _inputs(case, jnp.float64)
         y, dx, dw = _pallas_value_and_grads(x, kernel, g, stride, padding, eta, TILES[index])
         chex.assert_type([y, dx, dw], jnp.float64)
-        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-12)
-        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
-        _assert_close(dx, rdx, 1e-12)
-        _assert_close(dw, rdw, 1e-12)
+        assert_matches_reference(y, dx, dw, x, kernel, g, stride, padding, eta, 1e-12)
 
 
 @pytest.mark.parametrize("index, eta", [(0, None), (1, 0.2)])
@@ -88,12 +78,7 @@ def test_float32_within_1e5_of_float64_reference(index, eta):
     x32, k32, g32, stride, padding = _inputs(GRID[index], jnp.float32, seed=1)
     y, dx, dw = _pallas_value_and_grads(x32, k32, g32, stride, padding, eta, TILES[index])
     chex.assert_type([y, dx, dw], jnp.float32)
-    with jax.enable_x64():
-        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x32, k32, g32))
-        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-5)
-        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, eta)
-        _assert_close(dx, rdx, 1e-5)
-        _assert_close(dw, rdw, 1e-5)
+    assert_matches_reference(y, dx, dw, x32, k32, g32, stride, padding, eta, 1e-5)
     if eta is not None:
         np.testing.assert_allclose(jnp.linalg.norm(dw), eta * np.sqrt(k32.size), rtol=1e-5)
 
@@ -160,7 +145,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
     chex.assert_type([y, dx, dw], jnp.bfloat16)
     y32 = adder_conv2d_reference(xb.astype(jnp.float32), kb.astype(jnp.float32), stride,
                                  padding)
-    _assert_close(y, y32, 1e-2)
+    assert_close(y, y32, 1e-2)
 
 
 def test_vmap_over_kernels_of_the_gradient():
@@ -269,9 +254,4 @@ def test_compiled_gpu_kernels_match_reference(index):
     with jax.default_matmul_precision("highest"):
         y, dx, dw = _pallas_value_and_grads(x32, k32, g32, stride, padding, 0.2, TILES[index],
                                             False)
-    with jax.enable_x64():
-        x, kernel, g = (jnp.asarray(a, jnp.float64) for a in (x32, k32, g32))
-        _assert_close(y, adder_conv2d_reference(x, kernel, stride, padding), 1e-5)
-        rdx, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, 0.2)
-        _assert_close(dx, rdx, 1e-5)
-        _assert_close(dw, rdw, 1e-5)
+    assert_matches_reference(y, dx, dw, x32, k32, g32, stride, padding, 0.2, 1e-5)

@@ -24,7 +24,7 @@ from awn_jax import checkpointing, data, robustness
 from awn_jax import robustness_studies as studies
 from awn_jax.nn import BatchNorm, Conv2d
 from awn_jax.runs import Run, load_run
-from awn_jax.state import apply_model, split_model, with_bn_mode
+from awn_jax.state import apply_model, split_model
 from awn_jax.train import create_train_state
 from configs import smoke
 
