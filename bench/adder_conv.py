@@ -165,6 +165,15 @@ def parse_impl(spec: str) -> Impl:
                                                                implementation=spec))
 
 
+def parse_layers(parser: argparse.ArgumentParser, spec: str) -> list[Layer]:
+    """``--layers``: comma-separated indices into RESNET20_LAYERS; empty: all of them."""
+    try:
+        layers = [RESNET20_LAYERS[int(i)] for i in spec.split(",") if i.strip()]
+    except (ValueError, IndexError):
+        parser.error(f"--layers: indices 0-{len(RESNET20_LAYERS) - 1}, got {spec!r}")
+    return layers or list(RESNET20_LAYERS)
+
+
 def conv_fn(stride: int, padding: int, precision=None):
     return lambda x, kernel: lax.conv_general_dilated(
         x, kernel, (stride, stride), [(padding, padding)] * 2,
@@ -310,11 +319,7 @@ def main():
                              "(0-6, in the table's order) to time; default all")
     parser.add_argument("--output", help="also write the report (Markdown) to this file")
     args = parser.parse_args()
-    try:
-        layers = [RESNET20_LAYERS[int(i)] for i in args.layers.split(",") if i.strip()]
-    except (ValueError, IndexError):
-        parser.error(f"--layers: indices 0-{len(RESNET20_LAYERS) - 1}, got {args.layers!r}")
-    layers = layers or list(RESNET20_LAYERS)
+    layers = parse_layers(parser, args.layers)
 
     start = time.perf_counter()
     impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]

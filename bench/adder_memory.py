@@ -24,8 +24,7 @@ import datetime
 
 import jax
 
-from adder_conv import (RESNET20_LAYERS, conv_fn, fwd_bwd, machine_info, make_inputs,
-                        parse_impl)
+from adder_conv import conv_fn, fwd_bwd, machine_info, make_inputs, parse_impl, parse_layers
 
 MB = 2 ** 20
 
@@ -47,10 +46,7 @@ def main():
                         help="comma-separated indices into the seven ResNet-20 layers (0-6)")
     args = parser.parse_args()
     impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]
-    try:
-        layers = [RESNET20_LAYERS[int(i)] for i in args.layers.split(",")]
-    except (ValueError, IndexError):
-        parser.error(f"--layers: indices 0-{len(RESNET20_LAYERS) - 1}, got {args.layers!r}")
+    layers = parse_layers(parser, args.layers)
 
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine_info()}")

@@ -356,16 +356,10 @@ def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None
     _check_args(x, kernel, stride, padding)
     eta = None if eta is None else float(eta)
     chosen = resolve_implementation(implementation)
-    if chosen == "pallas":
-        pallas = _pallas_module()
-        if pallas is None:
-            raise RuntimeError("adder_conv2d: implementation='pallas' but "
-                               "awn_jax.ops.adder_pallas does not import with this JAX")
-        return pallas.adder_conv2d(x, kernel, stride, padding, eta)
-    if chosen == "native":
-        native = _native_module()
-        if native is None:
-            raise RuntimeError("adder_conv2d: implementation='native' but "
-                               "awn_jax.ops.adder_native is not importable or not available")
-        return native.adder_conv2d(x, kernel, stride, padding, eta)
-    return _adder_conv2d(x, kernel, stride, padding, eta)
+    if chosen == "xla":
+        return _adder_conv2d(x, kernel, stride, padding, eta)
+    module = _pallas_module() if chosen == "pallas" else _native_module()
+    if module is None:
+        raise RuntimeError(f"adder_conv2d: implementation={chosen!r} but "
+                           f"awn_jax.ops.adder_{chosen} is not importable or not available")
+    return module.adder_conv2d(x, kernel, stride, padding, eta)
