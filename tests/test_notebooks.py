@@ -27,6 +27,18 @@ with open(sys.argv[2], "w") as f:
 """
 
 
+def _run_small_mode(name, env_prefix, tmp):
+    """Run notebooks/<name>.py in its small mode, workdir under ``tmp``; its ``summary``."""
+    env = {**os.environ, f"{env_prefix}_MODE": "small",
+           f"{env_prefix}_WORKDIR": str(tmp / "workdirs"), "MPLBACKEND": "Agg",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(NOTEBOOKS / f"{name}.py"), str(tmp / "summary.json")],
+        cwd=NOTEBOOKS, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
+    return json.loads((tmp / "summary.json").read_text())
+
+
 def test_every_ipynb_is_paired_with_its_py_and_stripped():
     import jupytext  # in the `test` extra
 
@@ -49,15 +61,7 @@ def test_every_ipynb_is_paired_with_its_py_and_stripped():
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     """The quickstart's `summary`, from one run in small mode."""
-    tmp = tmp_path_factory.mktemp("quickstart")
-    env = {**os.environ, "AWN_QUICKSTART_MODE": "small",
-           "AWN_QUICKSTART_WORKDIR": str(tmp / "workdirs"), "MPLBACKEND": "Agg",
-           "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(NOTEBOOKS / "quickstart.py"), str(tmp / "summary.json")],
-        cwd=NOTEBOOKS, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, f"quickstart failed:\n{result.stderr[-6000:]}"
-    return json.loads((tmp / "summary.json").read_text())
+    return _run_small_mode("quickstart", "AWN_QUICKSTART", tmp_path_factory.mktemp("quickstart"))
 
 
 @pytest.mark.slow
@@ -129,15 +133,7 @@ def test_quickstart_pgd_sweep(quickstart):
 def reproduce(tmp_path_factory):
     """reproduce_paper's `summary`, from one run in small mode."""
     tmp = tmp_path_factory.mktemp("reproduce")
-    env = {**os.environ, "AWN_REPRODUCE_MODE": "small",
-           "AWN_REPRODUCE_WORKDIR": str(tmp / "workdirs"), "MPLBACKEND": "Agg",
-           "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(NOTEBOOKS / "reproduce_paper.py"),
-         str(tmp / "summary.json")],
-        cwd=NOTEBOOKS, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, f"reproduce_paper failed:\n{result.stderr[-6000:]}"
-    summary = json.loads((tmp / "summary.json").read_text())
+    summary = _run_small_mode("reproduce_paper", "AWN_REPRODUCE", tmp)
     summary["_workdir"] = str(tmp / "workdirs")
     return summary
 
