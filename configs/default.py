@@ -21,6 +21,9 @@ def get_config():
     config.random_flip = True
     config.num_train_examples = 0       # >0: train on a fixed random subset (CPU runs)
     config.num_test_examples = 0        # >0: the per-epoch test uses this many examples
+    # Input mean/std: "dataset" (the source's own; measured on an image folder) or a TFDS
+    # name whose official constants to use (CIFAR-10's from the AdderNet main.py).
+    config.normalization = "cifar10"
     config.synthetic_num_train = 512    # sizes of the synthetic source (smoke runs)
     config.synthetic_num_test = 256
     config.synthetic_num_classes = 10

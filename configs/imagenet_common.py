@@ -16,6 +16,7 @@ def resnet18_config(layer_type, workdir):
     """This recipe with the given layer type (a helper for the config files, not one itself)."""
     config = default.get_config()
     config.dataset = "imagenet2012"
+    config.normalization = "imagenet2012"
     config.image_size = 224
     config.crop_padding = 0             # unused: training crops are random-resized crops
     config.model = "resnet18"

@@ -10,6 +10,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.dataset = "synthetic"
+    config.normalization = "dataset"
     config.synthetic_num_train = 256
     config.synthetic_num_test = 128
     config.synthetic_num_classes = 10

@@ -290,8 +290,8 @@ summary["layer_grad_norm_expected"] = float(0.2 * np.sqrt(kernel.size))
 # %%
 config = default_config.get_config()
 if MODE == "small":
-    config.update(dict(dataset="synthetic", image_size=8, crop_padding=0, random_flip=False,
-                       synthetic_num_train=1024, synthetic_num_test=256, batch_size=32,
+    config.update(dict(dataset="synthetic", normalization="dataset", image_size=8,
+                       crop_padding=0, random_flip=False, synthetic_num_train=1024, synthetic_num_test=256, batch_size=32,
                        num_epochs=5, eval_batch_size=256, log_every_steps=8))
     LAYER_TYPES = ("adder-awn",)
 else:

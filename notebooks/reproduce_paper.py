@@ -175,7 +175,7 @@ def show_file(path):
 # %%
 CONFIGS = {"conv": cifar10_r20_cnn, "adder": cifar10_r20_ann, "adder-ws": cifar10_r20_ws,
            "adder-awn": cifar10_r20_awn}
-SMALL_DATA = dict(dataset="synthetic", image_size=8, crop_padding=0, random_flip=False,
+SMALL_DATA = dict(dataset="synthetic", normalization="dataset", image_size=8, crop_padding=0, random_flip=False,
                   synthetic_num_train=512, synthetic_num_test=128, batch_size=64,
                   num_epochs=2, eval_batch_size=128, log_every_steps=8)
 

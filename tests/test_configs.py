@@ -20,11 +20,11 @@ EXPECTED = {
     "cifar10_r32_cnn": dict(model="resnet32", layer_type="conv"),
     "cifar10_r32_ann": dict(model="resnet32", layer_type="adder"),
     "cifar10_r32_awn": dict(model="resnet32"),
-    "cifar100_r20_cnn": dict(dataset="cifar100", layer_type="conv"),
-    "cifar100_r20_ann": dict(dataset="cifar100", layer_type="adder"),
-    "cifar100_r20_awn": dict(dataset="cifar100"),
+    "cifar100_r20_cnn": dict(dataset="cifar100", normalization="cifar100", layer_type="conv"),
+    "cifar100_r20_ann": dict(dataset="cifar100", normalization="cifar100", layer_type="adder"),
+    "cifar100_r20_awn": dict(dataset="cifar100", normalization="cifar100"),
 }
-IMAGENET = dict(dataset="imagenet2012", image_size=224, model="resnet18", num_epochs=90,
+IMAGENET = dict(dataset="imagenet2012", normalization="imagenet2012", image_size=224, model="resnet18", num_epochs=90,
                 weight_decay=1e-4, batch_size=256, learning_rate=0.1)
 
 

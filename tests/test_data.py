@@ -290,6 +290,21 @@ def test_image_folder(folder, cache_dir):
     assert len(list(cache_dir.glob("*.npz"))) == 2
 
 
+def test_normalization_is_measured_or_the_named_official_constants(folder, cache_dir):
+    config = dict(dataset="image_folder", data_dir=str(folder), image_size=8)
+    measured = get_dataset(_config(**config, normalization="dataset")).info
+    train = np.concatenate([np.asarray(Image.open(p).convert("RGB").resize((8, 8)))[None]
+                            for p in sorted((folder / "train").rglob("*.*"))
+                            if p.suffix in (".png", ".jpg")]) / 255.0
+    np.testing.assert_allclose(measured.mean, train.mean(axis=(0, 1, 2)), atol=2e-3)
+    official = get_dataset(_config(**config, normalization="cifar10")).info
+    assert official.mean == (0.4914, 0.4822, 0.4465)
+    assert official.std == (0.2023, 0.1994, 0.2010)
+    assert dataclasses.replace(official, mean=measured.mean, std=measured.std) == measured
+    with pytest.raises(ValueError, match="normalization 'cifar'"):
+        get_dataset(_config(**config, normalization="cifar"))
+
+
 def test_image_folder_cache_is_used_and_invalidated(folder, cache_dir, monkeypatch):
     config = _config(dataset="image_folder", data_dir=str(folder), image_size=8)
     first = get_dataset(config)
@@ -334,7 +349,7 @@ def test_dataset_for_run_needs_only_the_test_split(folder, cache_dir):
 def test_real_cifar10_jpeg_folder(tmp_path, cache_dir):
     subprocess.run(["tar", "-xf", str(CIFAR_JPEG_TAR), "-C", str(tmp_path)], check=True)
     dataset = get_dataset(_config(dataset="image_folder", data_dir=str(tmp_path), image_size=32,
-                                  crop_padding=4))
+                                  crop_padding=4, normalization="dataset"))
     info = dataset.info
     assert (info.num_classes, info.num_train, info.num_test, info.image_shape) == (
         10, 50000, 10000, (32, 32, 3))

@@ -301,6 +301,34 @@ def test_stem_and_classifier_multiply_every_other_layer_has_the_layer_type(
     assert len(layers) == num_adder_layers
 
 
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_multiplying_kernels_start_as_in_the_official_models(name):
+    """CIFAR: PyTorch's default U(+-1/sqrt(fan_in)) (resnet20.py sets no init); ImageNet:
+    Kaiming-normal, fan_out (resnet50.py)."""
+    model = create_model(name, num_classes=10, layer_type="conv", mean=MEAN, std=STD,
+                         rngs=nnx.Rngs(0))
+    for path, layer in nnx.iter_modules(model):
+        if not isinstance(layer, Conv2d):
+            continue
+        kernel = np.asarray(layer.kernel[...])
+        kh, kw, cin, cout = kernel.shape
+        if name == "resnet20":
+            bound = 1 / np.sqrt(kh * kw * cin)
+            assert np.abs(kernel).max() <= bound, path
+            if kernel.size >= 400:
+                np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.1)
+        elif kernel.size >= 400:
+            np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (kh * kw * cout)), rtol=0.1)
+    if name == "resnet20":  # the numbers of the official models
+        np.testing.assert_allclose(np.std(model.classifier.kernel[...]), 0.072, rtol=0.1)
+        np.testing.assert_allclose(np.std(model.stem_conv.kernel[...]), 0.111, rtol=0.1)
+
+
+def test_layer_rejects_unknown_conv_init():
+    with pytest.raises(ValueError, match="conv_init"):
+        Conv2d(3, 4, 3, conv_init="xavier", rngs=nnx.Rngs(0))
+
+
 def test_awn_params_are_selectable_by_type():
     model = _abstract_model("resnet20", "adder-awn")
     awn = nnx.state(model, AWNParam)

@@ -11,6 +11,8 @@ Batches are dicts of numpy arrays: image float32 (local_batch, H, W, C) in [0, 1
 normalizes with info.mean/std) and label int32 (local_batch,).
 """
 
+import dataclasses
+
 from awn_jax.data import image_folder, synthetic, tfds_source
 from awn_jax.data.pipeline import Dataset, DatasetInfo
 
@@ -29,6 +31,7 @@ def get_dataset(config):
         raise ValueError(f"unknown dataset {config.dataset!r}; set --config.dataset to one of "
                          f"{', '.join(sorted(_LOADERS))}")
     info, train, test = _LOADERS[config.dataset](config)
+    info = _with_normalization(info, config.normalization)
     return Dataset(info, train, test, seed=config.seed,
                    num_train_examples=config.num_train_examples)
 
@@ -40,3 +43,17 @@ def dataset_for_run(config, info):
     if config.dataset == "image_folder" and not image_folder.has_train_split(config):
         return Dataset(info, None, image_folder.load_test(config, info), seed=config.seed)
     return get_dataset(config)
+
+
+def _with_normalization(info, normalization):
+    """``info`` with the channel statistics ``config.normalization`` names: ``dataset``
+    keeps the source's own (TFDS's constants, or those measured on an image folder's or
+    the synthetic train split); a TFDS dataset name takes its official constants, so
+    CIFAR-10 read from a folder normalizes exactly as the official recipe does."""
+    if normalization == "dataset":
+        return info
+    if normalization not in tfds_source.DATASETS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected 'dataset' or one "
+                         f"of {', '.join(tfds_source.DATASETS)}")
+    spec = tfds_source.DATASETS[normalization]
+    return dataclasses.replace(info, mean=spec.mean, std=spec.std)

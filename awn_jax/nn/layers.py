@@ -18,8 +18,14 @@ from awn_jax.ops import adaptive_normalize, adder_conv2d, standardize
 
 LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")
 
-# Kaiming-normal, fan_out mode, ReLU gain: std = sqrt(2 / (kh * kw * cout)).
-_conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Initializers of multiplying kernels, as the official models use them:
+# "kaiming-normal": fan_out mode, ReLU gain, std = sqrt(2 / (kh * kw * cout)) (resnet50.py);
+# "torch-default": PyTorch's Conv2d default, kaiming-uniform with a = sqrt(5), i.e.
+# U(+-1 / sqrt(kh * kw * cin)) (resnet20.py sets no init of its own).
+CONV_INITS = {
+    "kaiming-normal": nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    "torch-default": nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+}
 
 
 class AWNParam(nnx.Param):
@@ -43,10 +49,9 @@ class Conv2d(nnx.Module):
     Inputs are NHWC, the kernel is HWIO ``(kh, kw, cin, cout)``, zero padding is symmetric.
 
     Initialization follows the official AdderNet code: adder kernels from a standard
-    normal (``adder.py``), ordinary convolutions Kaiming-normal in fan_out mode with the
-    ReLU gain (``resnet50.py``, as torchvision's ResNets; the CIFAR ``resnet20.py`` leaves
-    its two at PyTorch's default uniform init, a difference a BatchNorm right after each
-    of them mostly absorbs). AWN starts at ``nu = 1``, ``upsilon = 0``, i.e. equal to WS.
+    normal (``adder.py``), ordinary convolutions by ``conv_init`` (see :data:`CONV_INITS`:
+    the ImageNet ``resnet50.py`` uses Kaiming-normal, the CIFAR ``resnet20.py`` PyTorch's
+    default). AWN starts at ``nu = 1``, ``upsilon = 0``, i.e. equal to WS.
 
     Args:
       in_features, out_features: input and output channels.
@@ -54,6 +59,7 @@ class Conv2d(nnx.Module):
       stride: spatial stride.
       padding: symmetric zero padding; ``None`` keeps the size at stride 1 (``k // 2``).
       layer_type: one of :data:`LAYER_TYPES`.
+      conv_init: initializer of a ``conv`` kernel, a key of :data:`CONV_INITS`.
       eta: adaptive gradient scaling of adder kernels (``None``: off); unused by ``conv``.
       eps: variance epsilon of the WS/AWN standardization.
       compute_dtype: dtype the input and the (transformed) kernel are cast to for the
@@ -64,7 +70,10 @@ class Conv2d(nnx.Module):
     def __init__(self, in_features: int, out_features: int, kernel_size: int,
                  stride: int = 1, padding: int | None = None, layer_type: str = "conv", *,
                  eta: float | None = 0.2, eps: float = 1e-5, compute_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 conv_init: str = "kaiming-normal", rngs: nnx.Rngs):
+        if conv_init not in CONV_INITS:
+            raise ValueError(f"unknown conv_init {conv_init!r}; expected one of "
+                             f"{tuple(CONV_INITS)}")
         self.in_features = in_features
         self.out_features = out_features
         self.kernel_size = kernel_size
@@ -78,7 +87,7 @@ class Conv2d(nnx.Module):
         shape = (kernel_size, kernel_size, in_features, out_features)
         key = rngs.params()
         if layer_type == "conv":
-            self.kernel = nnx.Param(_conv_kernel_init(key, shape, jnp.float32))
+            self.kernel = nnx.Param(CONV_INITS[conv_init](key, shape, jnp.float32))
         else:
             self.kernel = nnx.Param(jax.random.normal(key, shape, jnp.float32))
         if layer_type == "adder-awn":

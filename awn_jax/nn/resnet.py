@@ -5,7 +5,9 @@ ImageNet (``resnet50.py``; ResNet-18 uses the same frame with BasicBlocks): 7x7/
 3->64 and a 3x3/2 max pool, four stages, widths 64/128/256/512, the stride of a
 Bottleneck on its 3x3 layer. In both, the stem and the classifier are ordinary
 (multiplying) convolutions; every layer inside the blocks, the 1x1 projection shortcuts
-included, has the model's ``layer_type``. The head is a global average pool, a 1x1
+included, has the model's ``layer_type``. Multiplying kernels start as the official
+models' do: PyTorch's default uniform init in the CIFAR ResNets (``resnet20.py`` sets
+none), Kaiming-normal (fan_out) in the ImageNet ones (``resnet50.py``). The head is a global average pool, a 1x1
 convolution without bias and a BatchNorm, as in the official code. Two documented
 differences from it, neither changing the function: the official ImageNet classifier
 has a bias, which the BatchNorm after it cancels, so it is left out; its fixed-size
@@ -102,6 +104,9 @@ class ResNet(nnx.Module):
       layer_type: type of the layers inside the blocks (see ``LAYER_TYPES``).
       mean, std: per-channel input normalization of [0, 1] images.
       eta, eps, compute_dtype: passed to every :class:`Conv2d`.
+      conv_init: initializer of the multiplying kernels (``layers.CONV_INITS``); ``None``:
+        the official one (``torch-default`` for CIFAR ResNets, ``kaiming-normal`` for
+        ImageNet ones).
       rngs: random streams for the kernels.
     """
 
@@ -109,8 +114,10 @@ class ResNet(nnx.Module):
                  stage_widths: Sequence[int], *, imagenet_stem: bool, num_classes: int,
                  layer_type: str, mean: Sequence[float], std: Sequence[float],
                  eta: float | None = 0.2, eps: float = 1e-5, compute_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 conv_init: str | None = None, rngs: nnx.Rngs):
         check_layer_type(layer_type)
+        if conv_init is None:
+            conv_init = "kaiming-normal" if imagenet_stem else "torch-default"
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need one value per RGB channel, got {mean}, {std}")
         self.mean = tuple(float(m) for m in mean)
@@ -118,9 +125,10 @@ class ResNet(nnx.Module):
         self.imagenet_stem = imagenet_stem
 
         conv = functools.partial(Conv2d, layer_type="conv", compute_dtype=compute_dtype,
-                                 rngs=rngs)
+                                 conv_init=conv_init, rngs=rngs)
         make_layer = functools.partial(Conv2d, layer_type=layer_type, eta=eta, eps=eps,
-                                       compute_dtype=compute_dtype, rngs=rngs)
+                                       compute_dtype=compute_dtype, conv_init=conv_init,
+                                       rngs=rngs)
 
         if imagenet_stem:
             self.stem_conv = conv(3, stage_widths[0], 7, stride=2)
