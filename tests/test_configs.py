@@ -10,6 +10,9 @@ from awn_jax.data import get_dataset
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if "def get_config(" in p.read_text())
+# Detection configs (task = "detection") have their own base, voc_frcnn_default.py.
+DETECTION_FILES = [p for p in CONFIG_FILES if p.stem.startswith("voc_frcnn")]
+CLASSIFICATION_FILES = [p for p in CONFIG_FILES if p not in DETECTION_FILES]
 
 # What each variant changes relative to default.py (besides workdir).
 EXPECTED = {
@@ -24,6 +27,11 @@ EXPECTED = {
     "cifar100_r20_ann": dict(dataset="cifar100", normalization="cifar100", layer_type="adder"),
     "cifar100_r20_awn": dict(dataset="cifar100", normalization="cifar100"),
 }
+DETECTION_LAYER_TYPES = {"cnn": "conv", "ann": "adder", "ws": "adder-ws", "awn": "adder-awn"}
+# The paper's Sec. 5.3 recipe.
+DETECTION = dict(task="detection", dataset="voc", model="resnet18", learning_rate=0.008,
+                 warmup_steps=500, momentum=0.9, weight_decay=1e-4, lr_schedule="cosine-epoch",
+                 num_epochs=12, batch_size=4, ap_metric="11-point")
 IMAGENET = dict(dataset="imagenet2012", normalization="imagenet2012", image_size=224, model="resnet18", num_epochs=90,
                 weight_decay=1e-4, batch_size=256, learning_rate=0.1)
 
@@ -39,16 +47,20 @@ def load(path, *overrides):
 
 
 def test_every_variant_is_covered():
-    stems = {p.stem for p in CONFIG_FILES} - {"default", "smoke"}
-    assert stems == set(EXPECTED) | {f"imagenet_r18_{k}" for k in ("cnn", "ann", "awn")}
+    stems = {p.stem for p in CLASSIFICATION_FILES} - {"default", "smoke"}
+    assert stems == set(EXPECTED) | {f"imagenet_r18_{k}" for k in ("cnn", "ann", "ws", "awn")}
+    assert {p.stem for p in DETECTION_FILES} == {"voc_frcnn_default"} | {
+        f"voc_frcnn_r18_{k}" for k in DETECTION_LAYER_TYPES}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_config_loads_locked_with_default_keys(path):
-    config, reference = load(path), load(CONFIG_DIR / "default.py")
+    base = "voc_frcnn_default.py" if path in DETECTION_FILES else "default.py"
+    config, reference = load(path), load(CONFIG_DIR / base)
     assert config.is_locked
     assert set(config.keys()) == set(reference.keys())
-    if path.stem != "default":
+    assert ("task" in config) == (path in DETECTION_FILES)  # train.py dispatches on it
+    if path.stem not in ("default", "voc_frcnn_default"):
         assert config.workdir == f"workdirs/{path.stem}"
 
 
@@ -64,7 +76,7 @@ def test_cifar_variants_change_only_what_they_should(stem):
 
 
 @pytest.mark.parametrize("kind, layer_type", [("cnn", "conv"), ("ann", "adder"),
-                                              ("awn", "adder-awn")])
+                                              ("ws", "adder-ws"), ("awn", "adder-awn")])
 def test_imagenet_variants(kind, layer_type):
     config = load(CONFIG_DIR / f"imagenet_r18_{kind}.py")
     assert {k: config[k] for k in IMAGENET} == IMAGENET
@@ -72,10 +84,21 @@ def test_imagenet_variants(kind, layer_type):
     assert 50_000 % config.eval_batch_size == 0
 
 
+@pytest.mark.parametrize("kind", sorted(DETECTION_LAYER_TYPES))
+def test_detection_variants_follow_the_paper_and_differ_only_in_layer_type(kind):
+    config = load(CONFIG_DIR / f"voc_frcnn_r18_{kind}.py")
+    reference = load(CONFIG_DIR / "voc_frcnn_default.py")
+    assert {k: config[k] for k in DETECTION} == DETECTION
+    assert config.layer_type == DETECTION_LAYER_TYPES[kind]
+    changed = {k for k in config.keys() if config[k] != reference[k]} - {"workdir"}
+    assert changed <= {"layer_type"}
+    assert 4952 % config.eval_batch_size == 0
+
+
 def test_all_variants_are_distinct():
     seen = {}
     for path in CONFIG_FILES:
-        if path.stem != "default":
+        if path.stem not in ("default", "voc_frcnn_default"):
             fields = tuple(sorted((k, str(v)) for k, v in load(path).items() if k != "workdir"))
             assert fields not in seen, f"{path.stem} equals {seen.get(fields)}"
             seen[fields] = path.stem
