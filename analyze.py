@@ -15,9 +15,10 @@ import os
 
 from absl import flags, logging
 
-from awn_jax import checkpointing, cli
-from awn_jax.runs import load_run, saved_epochs
-from awn_jax.stability import common, curves, distributions, interpolation, theory
+from awn_jax import cli, reports
+from awn_jax.stability import curves, distributions, interpolation, theory
+from awn_jax.training import checkpointing
+from awn_jax.training.runs import load_run, saved_epochs
 
 STUDIES = ("interpolation", "curves", "distributions", "variance-theory")
 
@@ -54,9 +55,9 @@ def _studies() -> list[str]:
 
 
 def _write(output_dir, stem, results, *figures) -> None:
-    print(common.write_json(output_dir, f"stability_{stem}", results))
+    print(reports.write(output_dir, f"stability_{stem}", results))
     for suffix, fig in figures:
-        print(common.save_figure(fig, output_dir, f"stability_{stem}{suffix}"))
+        print(reports.save_figure(fig, output_dir, f"stability_{stem}{suffix}"))
 
 
 def _interpolation(workdirs, output_dir) -> None:

@@ -17,12 +17,14 @@ workdir):
 Without --workdir, the --config file's workdir is used.
 """
 
+import dataclasses
+
 from absl import flags
 from ml_collections import config_flags
 
-from awn_jax import attacks, cli, robustness
-from awn_jax import robustness_studies as studies
-from awn_jax.runs import load_run
+from awn_jax import cli, robustness
+from awn_jax.robustness import attacks, studies
+from awn_jax.training.runs import load_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config whose workdir to evaluate when --workdir is not given.",
@@ -87,7 +89,8 @@ def main(argv):
     if not workdirs:
         raise ValueError("pass --workdir (or --config to use its workdir)")
     output_dir = _OUTPUT_DIR.value or workdirs[0]
-    runs = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
+    runs = (dataclasses.replace(load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value),
+                                eval_chunk_size=_CHUNK.value) for w in workdirs)
 
     if _STUDY.value == "table":
         names = PAPER_ATTACKS if attack == "all" else (attack,)
@@ -99,14 +102,14 @@ def main(argv):
     elif _STUDY.value == "eps-sweep":
         eps_values = _numbers(_EPS_VALUES, float)
         rows = [row for run in runs for row in studies.eps_sweep(
-            studies.Evaluator(run, _CHUNK.value), bn_modes, eps_values,
+            run, bn_modes, eps_values,
             steps=_STEPS.value or 7, batch_size=_BATCH_SIZE.value or 500,
             num_examples=_NUM_EXAMPLES.value, seed=_SEED.value)]
         print(studies.write_sweep(rows, "eps", output_dir))
     elif _STUDY.value == "steps-sweep":
         steps_values = _numbers(_STEPS_VALUES, int)
         rows = [row for run in runs for row in studies.steps_sweep(
-            studies.Evaluator(run, _CHUNK.value), bn_modes, steps_values,
+            run, bn_modes, steps_values,
             eps=_EPS.value or attacks.DEFAULT_EPS,
             step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
             batch_size=_BATCH_SIZE.value or 500, num_examples=_NUM_EXAMPLES.value,
@@ -116,7 +119,7 @@ def main(argv):
         batch_sizes = _numbers(_BATCH_SIZES, int)
         attacked = _numbers(_ATTACKED, int) if _ATTACKED.value else None
         results = [studies.batch_study(
-            studies.Evaluator(run, _CHUNK.value), bn_modes, num_examples=_NUM_EXAMPLES.value,
+            run, bn_modes, num_examples=_NUM_EXAMPLES.value,
             batch_sizes=batch_sizes, batch_size=_BATCH_SIZE.value or 128,
             partitions=_PARTITIONS.value, attacked=attacked, max_passes=_PASSES.value,
             attack=attack, seed=_SEED.value) for run in runs]

@@ -9,7 +9,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from awn_jax import cli
-from awn_jax.train import maybe_initialize_distributed, train_and_evaluate
+from awn_jax.distributed import maybe_initialize_distributed
+from awn_jax.training import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Training configuration file.", lock_config=True)

@@ -7,7 +7,7 @@ import sys
 
 from absl import app, flags
 
-from awn_jax.checkpointing import CheckpointError
+from awn_jax.training.checkpointing import CheckpointError
 
 # Errors that describe bad input or a stopped run; anything else is a bug and keeps its
 # traceback.

@@ -1,6 +1,6 @@
 """A model as pure pytrees: build it from a config, apply it under any BatchNorm mode.
 
-Training, attacks and analyses all work on ``(graphdef, params, batch_stats)`` from
+Training, evaluation, attacks and analyses all work on ``(graphdef, params, batch_stats)`` from
 ``nnx.split``: plain pytrees that ``jax.jit`` shards and Orbax saves. The BatchNorm mode
 is a static attribute of the modules, so it lives in the graphdef: :func:`with_bn_mode`
 returns the graphdef of the same model in another mode, and :func:`apply_model` runs it.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,14 +19,6 @@ from flax import nnx
 from awn_jax.nn import create_model, set_bn_mode
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: nnx.State
-    batch_stats: nnx.State
-    opt_state: optax.OptState
 
 
 def build_model(config, info) -> nnx.Module:

@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from awn_jax.train import train_and_evaluate
+from awn_jax.training import train_and_evaluate
 from configs import cifar10_r20_ann, cifar10_r20_awn, cifar10_r20_cnn, cifar10_r20_ws
 
 # The four rows of the campaign, in training order; the CNN first, because a CNN short of

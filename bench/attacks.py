@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from awn_jax import attacks  # noqa: E402
 from awn_jax.data import DatasetInfo  # noqa: E402
+from awn_jax.model import apply_model, build_model, split_model, with_bn_mode  # noqa: E402
 from awn_jax.ops.adder import resolve_implementation  # noqa: E402
-from awn_jax.state import apply_model, build_model, split_model, with_bn_mode  # noqa: E402
 from bench.train_step import _cpu_name  # noqa: E402
 from configs import default  # noqa: E402
 

@@ -102,14 +102,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from awn_jax import attacks, counting
-from awn_jax.metrics_io import read_metrics
-from awn_jax.nn import Conv2d, create_model, set_bn_mode
+from awn_jax.nn import Conv2d, counting, create_model, set_bn_mode
 from awn_jax.ops import adder_conv2d
 from awn_jax.ops.reference import adder_conv2d_reference
-from awn_jax.robustness import EVAL_BN_MODES
-from awn_jax.runs import load_run
-from awn_jax.train import train_and_evaluate
+from awn_jax.robustness import attacks
+from awn_jax.robustness.table import EVAL_BN_MODES
+from awn_jax.training import train_and_evaluate
+from awn_jax.training.metrics import read_metrics
+from awn_jax.training.runs import load_run
 from configs import default as default_config
 
 print("JAX", jax.__version__, "on", jax.devices())

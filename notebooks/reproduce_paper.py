@@ -118,12 +118,13 @@ if MODE == "small" and "jax" not in sys.modules:
 import jax
 import matplotlib.pyplot as plt
 
-from awn_jax import counting, robustness
-from awn_jax import robustness_studies as studies
-from awn_jax.metrics_io import read_metrics
-from awn_jax.runs import load_run, saved_epochs
-from awn_jax.stability import common, curves, distributions, interpolation
-from awn_jax.train import train_and_evaluate
+from awn_jax import reports, robustness
+from awn_jax.nn import counting
+from awn_jax.robustness import studies
+from awn_jax.stability import curves, distributions, interpolation
+from awn_jax.training import train_and_evaluate
+from awn_jax.training.metrics import read_metrics
+from awn_jax.training.runs import load_run, saved_epochs
 from configs import cifar10_r20_ann, cifar10_r20_awn, cifar10_r20_cnn, cifar10_r20_ws
 
 print("JAX", jax.__version__, "on", jax.devices(), "| mode:", MODE)
@@ -205,7 +206,7 @@ for layer_type, history in histories.items():
 #
 # `robustness.evaluate_run` gives one row per BN mode: clean accuracy and accuracy under
 # each attack, the attacker seeing the model as deployed (gradients through the same BN
-# mode, on the same batch; see `awn_jax/attacks.py` for the pinned attack definitions).
+# mode, on the same batch; see `awn_jax/robustness/attacks.py` for the pinned attack definitions).
 # `evaluate.py --attack all --bn-mode all` is the same call from the command line.
 #
 # Full mode: the paper's five attacks at their settings (eps 8/255, step 2/255; BIM and
@@ -320,11 +321,11 @@ else:
 sweep_kwargs = dict(batch_size=EVAL_BATCH, num_examples=EVAL_EXAMPLES)
 eps_rows, steps_rows = [], []
 for layer_type in SWEEP_RUNS:
-    # One Evaluator per run: its compiled clean pass serves both sweeps.
-    evaluator = studies.Evaluator(load_run(workdirs[layer_type]))
-    eps_rows += studies.eps_sweep(evaluator, ("running-mean",), EPS_VALUES,
+    # One run object: its evaluator's compiled clean pass serves both sweeps.
+    run = load_run(workdirs[layer_type])
+    eps_rows += studies.eps_sweep(run, ("running-mean",), EPS_VALUES,
                                   steps=SWEEP_STEPS_PGD, **sweep_kwargs)
-    steps_rows += studies.steps_sweep(evaluator, ("running-mean",), STEPS_VALUES, **sweep_kwargs)
+    steps_rows += studies.steps_sweep(run, ("running-mean",), STEPS_VALUES, **sweep_kwargs)
 print(studies.write_sweep(eps_rows, "eps", str(FIGURES)))
 print(studies.write_sweep(steps_rows, "steps", str(FIGURES)))
 for name in ("eps_sweep", "steps_sweep"):
@@ -368,7 +369,7 @@ for layer_type, pairs in PAIRS.items():
                   + " ".join(f"{a:.1f}" for a in result["test_accuracy_pct"])
                   + f"; variance {result['accuracy_var_interior']:.2f}"
                   + f"   paper ({label}): {PAPER_VARIANCE[layer_type, index]:.2f}")
-print(common.write_json(str(FIGURES), "stability_interpolation", interp_results))
+print(reports.write(str(FIGURES), "stability_interpolation", interp_results))
 show(interpolation.plot(interp_results), "stability_interpolation")
 summary["interpolation"] = interp_results
 lap("interpolation")
@@ -423,7 +424,7 @@ for layer_type, epochs in FEATURE_EPOCHS.items():
               f"{stats['mean']:9.2f} std {stats['std']:8.2f}"
               + ("" if paper is None else f"   paper: mean {paper[0]:.2f} std {paper[1]:.2f}"))
 dist_results = distributions.relabel(dist_results)
-print(common.write_json(str(FIGURES), "stability_distributions", dist_results))
+print(reports.write(str(FIGURES), "stability_distributions", dist_results))
 show(distributions.plot_features(dist_results), "stability_features")
 show(distributions.plot_weights(dist_results), "stability_weights")
 summary["distributions"] = [

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from awn_jax import attacks
+from awn_jax.robustness import attacks
 
 EPS, STEP = 8 / 255, 2 / 255
 SHAPE = (128, 2, 2, 3)            # every batch in this file, images NHWC

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from awn_jax.counting import (ADD_ENERGY_PJ, MUL_ENERGY_PJ, count_architecture, count_model,
-                              format_table, layer_cost)
 from awn_jax.nn import BasicBlock, BatchNorm, Conv2d, ResNet
+from awn_jax.nn.counting import (ADD_ENERGY_PJ, MUL_ENERGY_PJ, count_architecture, count_model,
+                                 format_table, layer_cost)
 
 count = functools.cache(count_architecture)
 

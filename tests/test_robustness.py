@@ -8,6 +8,7 @@ synthetic images, for the studies.
 """
 
 import json
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,12 +21,13 @@ import optax
 import pytest
 from flax import nnx
 
-from awn_jax import checkpointing, data, robustness
-from awn_jax import robustness_studies as studies
+from awn_jax import data, robustness
+from awn_jax.model import apply_model, split_model
 from awn_jax.nn import BatchNorm, Conv2d
-from awn_jax.runs import Run, load_run
-from awn_jax.state import apply_model, split_model
-from awn_jax.train import create_train_state
+from awn_jax.robustness import studies
+from awn_jax.training import checkpointing
+from awn_jax.training.runs import Run, load_run
+from awn_jax.training.state import create_train_state
 from configs import smoke
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,60 +136,61 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def evaluator(tiny_run):
-    return studies.Evaluator(tiny_run, chunk_size=32)
+def run(tiny_run):
+    """The tiny run evaluated in chunks of 32 examples, so batches of 8 run 4 at a time."""
+    return dataclasses.replace(tiny_run, eval_chunk_size=32)
 
 
-def test_tiny_network_learned(evaluator, tiny_run):
-    images, labels = studies.load_test_set(tiny_run, None)
-    assert evaluator.accuracy(images, labels, batch_size=32, bn_mode="tracked") > 0.9
+def test_tiny_network_learned(run, tiny_run):
+    images, labels = tiny_run.test_set()
+    assert studies.accuracy(run, images, labels, batch_size=32, bn_mode="tracked") > 0.9
 
 
-def test_grouped_batches_match_separate_calls(evaluator, tiny_run):
+def test_grouped_batches_match_separate_calls(run, tiny_run):
     """vmap over groups: each group of 8 has its own statistics, as if called alone."""
-    images, labels = studies.load_test_set(tiny_run, 32)
-    predictions = evaluator.predictions(images, labels, batch_size=8, bn_mode="running-mean")
+    images, labels = tiny_run.test_set(32)
+    predictions = studies.predictions(run, images, labels, batch_size=8, bn_mode="running-mean")
     logits_fn = jax.jit(tiny_run.logits_fn("running-mean"))
     separate = [np.argmax(logits_fn(images[i:i + 8]), -1) for i in range(0, 32, 8)]
     np.testing.assert_array_equal(predictions, np.stack(separate))
 
 
-def test_batch_size_one_is_degenerate_in_batch_modes_only(evaluator, tiny_run):
-    images, labels = studies.load_test_set(tiny_run, 32)
-    rows = studies.batch_size_rows(evaluator, images, labels, ["tracked", "running-mean"],
+def test_batch_size_one_is_degenerate_in_batch_modes_only(run, tiny_run):
+    images, labels = tiny_run.test_set(32)
+    rows = studies.batch_size_rows(run, images, labels, ["tracked", "running-mean"],
                                    batch_sizes=(1, 32), attack="fgsm")
     tracked = [row["clean"] for row in rows if row["bn_mode"] == "tracked"]
     assert tracked == [tracked[0]] * 2 and tracked[0] > 0.8
-    single = evaluator.predictions(images, labels, batch_size=1, bn_mode="running-mean")
+    single = studies.predictions(run, images, labels, batch_size=1, bn_mode="running-mean")
     assert len(np.unique(single)) == 1      # the classifier's BN removes the image's logits
     by_size = {row["batch_size"]: row for row in rows if row["bn_mode"] == "running-mean"}
     assert by_size[32]["clean"] > by_size[1]["clean"] + 0.3
 
 
-def test_partial_attack_under_tracked_equals_the_joint_attack(evaluator, tiny_run):
+def test_partial_attack_under_tracked_equals_the_joint_attack(run, tiny_run):
     """Per-example model: BIM on the first 2 images of each batch of 8 finds what BIM on
     the whole batch finds for them (sign steps ignore the loss's averaging)."""
-    images, labels = studies.load_test_set(tiny_run, 32)
+    images, labels = tiny_run.test_set(32)
     common = dict(batch_size=8, attack="bim", eps=0.2, step_size=0.04, steps=5)
-    joint = evaluator.predictions(images, labels, bn_mode="tracked", **common)
-    partial = evaluator.predictions(images, labels, bn_mode="tracked", attacked=2, **common)
+    joint = studies.predictions(run, images, labels, bn_mode="tracked", **common)
+    partial = studies.predictions(run, images, labels, bn_mode="tracked", attacked=2, **common)
     np.testing.assert_array_equal(partial, joint[:, :2])
     assert np.mean(joint == labels.reshape(4, 8)) < 0.5  # the attack does something
-    clean = evaluator.predictions(images, labels, batch_size=8, bn_mode="running-mean")
-    unmoved = evaluator.predictions(images, labels, bn_mode="running-mean", attacked=2,
-                                    **{**common, "eps": 0.0})
+    clean = studies.predictions(run, images, labels, batch_size=8, bn_mode="running-mean")
+    unmoved = studies.predictions(run, images, labels, bn_mode="running-mean", attacked=2,
+                                  **{**common, "eps": 0.0})
     np.testing.assert_array_equal(unmoved, clean[:, :2])
 
 
-def test_sweeps_write_tables_and_plots(evaluator, tmp_path):
-    eps_rows = studies.eps_sweep(evaluator, ["tracked", "running-mean"], (0.0, 0.3),
+def test_sweeps_write_tables_and_plots(run, tmp_path):
+    eps_rows = studies.eps_sweep(run, ["tracked", "running-mean"], (0.0, 0.3),
                                  batch_size=32)
     for mode in ("tracked", "running-mean"):
         by_eps = {row["eps"]: row for row in eps_rows if row["bn_mode"] == mode}
         assert by_eps[0.0]["accuracy"] == by_eps[0.0]["clean"]    # eps 0: nothing moves
         assert by_eps[0.3]["accuracy"] < by_eps[0.0]["clean"] - 0.3
         assert by_eps[0.3]["step_size"] == pytest.approx(0.3 / 7)
-    steps_rows = studies.steps_sweep(evaluator, ["tracked"], (1, 3), eps=0.3, step_size=0.1,
+    steps_rows = studies.steps_sweep(run, ["tracked"], (1, 3), eps=0.3, step_size=0.1,
                                      batch_size=32)
     assert [row["steps"] for row in steps_rows] == [1, 3]
     table = studies.write_sweep(eps_rows, "eps", str(tmp_path))
@@ -200,8 +203,8 @@ def test_sweeps_write_tables_and_plots(evaluator, tmp_path):
         assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_batch_study_partitions_and_threat_models(evaluator, tmp_path):
-    study = studies.batch_study(evaluator, ["tracked", "running-mean"], num_examples=64,
+def test_batch_study_partitions_and_threat_models(run, tmp_path):
+    study = studies.batch_study(run, ["tracked", "running-mean"], num_examples=64,
                                 batch_sizes=(8,), batch_size=8, partitions=3,
                                 attacked=(1, 8), max_passes=2, attack="fgsm")
     assert study["num_examples"] == 64
@@ -221,14 +224,14 @@ def test_batch_study_partitions_and_threat_models(evaluator, tmp_path):
     assert (tmp_path / "batch_size.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_evaluator_rejects_bad_settings(evaluator, tiny_run):
-    images, labels = studies.load_test_set(tiny_run, 12)
+def test_evaluation_rejects_bad_settings(run, tiny_run):
+    images, labels = tiny_run.test_set(12)
     with pytest.raises(ValueError, match="do not fill batches of 8"):
-        evaluator.predictions(images, labels, batch_size=8, bn_mode="tracked")
+        studies.predictions(run, images, labels, batch_size=8, bn_mode="tracked")
     with pytest.raises(ValueError, match="unknown evaluation BN mode 'train'"):
-        evaluator.predictions(images, labels, batch_size=4, bn_mode="train")
+        studies.predictions(run, images, labels, batch_size=4, bn_mode="train")
     with pytest.raises(ValueError, match=r"attacked must be in \[1, 4\]"):
-        evaluator.predictions(images, labels, batch_size=4, bn_mode="tracked", attacked=5)
+        studies.predictions(run, images, labels, batch_size=4, bn_mode="tracked", attacked=5)
 
 
 # ---------------------------------------------------------------------------- the CLI

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from awn_jax import variance_theory as vt
-from awn_jax.metrics_io import read_metrics
+from awn_jax import reports
 from awn_jax.nn import set_bn_mode
-from awn_jax.runs import load_run
-from awn_jax.stability import common, curves, distributions, interpolation, theory
-from awn_jax.train import train_and_evaluate
+from awn_jax.stability import curves, distributions, interpolation, theory
+from awn_jax.stability import variance_theory as vt
+from awn_jax.training import train_and_evaluate
+from awn_jax.training.metrics import read_metrics
+from awn_jax.training.runs import load_run
 from configs import smoke
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +158,7 @@ def test_variance_theory_study_is_small_and_consistent(tmp_path):
                    perturbation_grid=[(0.62, 1.0, 0.0, 0.1, 27)], layer=False, sweep_points=9)
     assert all(abs(c["z_mean"]) < 4.5 and abs(c["z_var"]) < 4.5
                for c in r["rectified_gaussian"])                      # Eq. 4-5 exact
-    assert os.path.exists(common.save_figure(theory.plot(r), str(tmp_path), "theory"))
+    assert os.path.exists(reports.save_figure(theory.plot(r), str(tmp_path), "theory"))
     sweep = r["bound_sweeps"][0]
     low, high = sweep["failure_band"]
     for tau, ratio in zip(sweep["tau_mu"], sweep["mean_ratio_exact"]):

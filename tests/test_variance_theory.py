@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from awn_jax import variance_theory as vt
+from awn_jax.stability import variance_theory as vt
 
 Z_MAX = 4.5  # standard errors allowed between a Monte Carlo estimate and an exact value
 

@@ -53,6 +53,7 @@ files checked); "torchattacks 3.x" is 3.5.0 plus an early-3.x ``rfgsm.py``/``pgd
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import operator
 from typing import Callable
@@ -465,3 +466,28 @@ def attack(name: str, logits_fn: LogitsFn, images, labels, *, key, eps=None,
         if value is not None:
             settings[setting] = value
     return ATTACKS[name](logits_fn, images, labels, key=key, **settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """Attack ``name`` with ``steps`` steps, called as ``awn_jax.evaluation.Evaluator``
+    calls attacks: ``Attack(...)(logits_fn, images, labels, key, eps, step_size)``, eps
+    and step size traced, so one compilation serves every eps. Hashable by value."""
+
+    name: str
+    steps: int
+
+    def __call__(self, logits_fn, images, labels, key, eps, step_size):
+        return attack(self.name, logits_fn, images, labels, key=key, eps=eps,
+                      step_size=step_size, steps=self.steps)
+
+
+def configured(name: str, *, eps=None, step_size=None, steps=None) -> tuple[Attack, tuple]:
+    """``(Attack, (eps, step_size))`` for the evaluator, with ``default_settings(name)``
+    for every setting left None."""
+    settings = default_settings(name)
+    for setting, value in (("eps", eps), ("step_size", step_size), ("steps", steps)):
+        if value is not None:
+            settings[setting] = value
+    return (Attack(name, _check_steps(settings["steps"])),
+            (settings["eps"], settings["step_size"]))

@@ -26,28 +26,21 @@ subtracts the image's own logits, so every image gets the same prediction), and 
 spread of accuracy and per-example predictions over random re-partitions of the same
 examples into batches.
 
-All evaluations run through :class:`Evaluator`: a chunk of the test set is reshaped into
-``(groups, batch, ...)`` and the per-batch attack-and-score function is ``jax.vmap``-ed over
-the groups, so every group has its own batch statistics and small batches still run as one
-large computation. Every study uses the same first ``N`` examples of the fixed test order,
+All evaluations run through the run's :class:`awn_jax.evaluation.Evaluator` (every group
+of examples with its own batch statistics, spread over the devices). Every study uses the same first ``N`` examples of the fixed test order,
 with ``N`` a multiple of the largest batch size of the study.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from awn_jax import attacks
-from awn_jax.robustness import check_bn_modes
-from awn_jax.state import apply_model, with_bn_mode
+from awn_jax import reports
+from awn_jax.robustness import attacks
+from awn_jax.robustness.table import check_bn_modes
 
 SWEEP_EPS = tuple(np.round(np.linspace(0.01, 0.1, 10), 4))
 SWEEP_STEPS = (1, 2, 5, 10, 20, 50)
@@ -59,139 +52,56 @@ def run_label(run) -> str:
     return os.path.basename(os.path.normpath(run.workdir))
 
 
-def load_test_set(run, num_examples: int | None, multiple_of: int = 1):
-    """The first ``num_examples`` test examples (all when None) of the fixed test order as
-    numpy arrays, cut to a multiple of ``multiple_of`` so every batch is full."""
-    total = min(num_examples or run.dataset.info.num_test, run.dataset.info.num_test)
-    total -= total % multiple_of
-    if total == 0:
-        raise ValueError(f"need at least {multiple_of} test examples for batches of "
-                         f"{multiple_of}")
-    batches = list(run.dataset.test_batches(min(total, 1000), num_examples=total))
-    return (np.concatenate([b["image"] for b in batches]),
-            np.concatenate([b["label"] for b in batches]))
+def predictions(run, images, labels, *, attack: str | None = None, eps=None, step_size=None,
+                steps=None, seed: int = 0, **kwargs) -> np.ndarray:
+    """``run.evaluator.predictions`` with the attack given by name and settings (the
+    paper's for those left None) and the keys drawn from ``seed``."""
+    configured = (None, ()) if attack is None else attacks.configured(
+        attack, eps=eps, step_size=step_size, steps=steps)
+    return run.evaluator.predictions(images, labels, attack=configured[0],
+                                     attack_args=configured[1], key=jax.random.key(seed),
+                                     **kwargs)
 
 
-class Evaluator:
-    """Predictions of one run, per example, under a BN mode and an attack, batch by batch.
-
-    One compilation per (BN mode, attack, steps, attacked per batch, attack BN mode) and
-    batch shape; parameters, eps and step size are traced arguments, so an eps sweep
-    compiles once.
-    """
-
-    def __init__(self, run, chunk_size: int = 512):
-        self.run = run
-        self.chunk_size = chunk_size
-        self._compiled = {}
-
-    def _batch_fn(self, bn_mode, attack, steps, attacked, attack_bn_mode):
-        key = (bn_mode, attack, steps, attacked, attack_bn_mode)
-        if key not in self._compiled:
-            run = self.run
-            score_graph = with_bn_mode(run.graphdef, run.params, run.batch_stats, bn_mode)
-            attack_graph = with_bn_mode(run.graphdef, run.params, run.batch_stats,
-                                        attack_bn_mode or bn_mode)
-
-            def one_batch(params, batch_stats, images, labels, key, eps, step_size):
-                k = images.shape[0] if attacked is None else attacked
-
-                def logits(graph, x):
-                    # The attacker's k images replace the first k of the clean batch.
-                    return apply_model(graph, params, batch_stats, images.at[:k].set(x))[0][:k]
-
-                x = images[:k]
-                if attack is not None:
-                    x = attacks.attack(attack, functools.partial(logits, attack_graph), x,
-                                       labels[:k], key=key, eps=eps, step_size=step_size,
-                                       steps=steps)
-                return jnp.argmax(logits(score_graph, x), axis=-1)
-
-            self._compiled[key] = jax.jit(jax.vmap(
-                one_batch, in_axes=(None, None, 0, 0, 0, None, None)))
-        return self._compiled[key]
-
-    def predictions(self, images, labels, *, batch_size: int, bn_mode: str,
-                    attack: str | None = None, eps=None, step_size=None, steps=None,
-                    attacked: int | None = None, attack_bn_mode: str | None = None,
-                    seed: int = 0) -> np.ndarray:
-        """Predicted classes, shape ``(num_batches, k)``: the batches are consecutive
-        ``batch_size`` slices of ``images`` and ``k`` is ``attacked`` (the first ``k`` of
-        each batch, the only ones attacked and scored) or the whole batch. The attack's
-        key of batch ``i`` is ``fold_in(key(seed), i)``."""
-        check_bn_modes([bn_mode] + ([attack_bn_mode] if attack_bn_mode else []))
-        if len(images) % batch_size:
-            raise ValueError(f"{len(images)} examples do not fill batches of {batch_size}")
-        if attacked is not None and not 1 <= attacked <= batch_size:
-            raise ValueError(f"attacked must be in [1, {batch_size}], got {attacked}")
-        settings = {"eps": eps, "step_size": step_size, "steps": steps}
-        if attack is not None:
-            settings = attacks.default_settings(attack)
-            settings.update({k: v for k, v in (("eps", eps), ("step_size", step_size),
-                                               ("steps", steps)) if v is not None})
-        fn = self._batch_fn(bn_mode, attack, settings["steps"],
-                            None if attacked == batch_size else attacked, attack_bn_mode)
-        groups = max(1, self.chunk_size // batch_size)
-        num_batches = len(images) // batch_size
-        base = jax.random.key(seed)
-        start = time.perf_counter()
-        out = []
-        for first in range(0, num_batches, groups):
-            count = min(groups, num_batches - first)
-            rows = slice(first * batch_size, (first + count) * batch_size)
-            keys = jax.vmap(functools.partial(jax.random.fold_in, base))(
-                jnp.arange(first, first + count))
-            out.append(np.asarray(fn(
-                self.run.params, self.run.batch_stats,
-                jnp.asarray(images[rows]).reshape(count, batch_size, *images.shape[1:]),
-                jnp.asarray(labels[rows]).reshape(count, batch_size), keys,
-                settings["eps"], settings["step_size"])))
-        logging.info("%s: %d examples, batch %d, BN %s, attack %s %s, attacked %s, crafted "
-                     "under %s: %.1f s", run_label(self.run), len(images), batch_size, bn_mode,
-                     attack, settings, attacked, attack_bn_mode or bn_mode,
-                     time.perf_counter() - start)
-        return np.concatenate(out)
-
-    def accuracy(self, images, labels, **kwargs) -> float:
-        """Accuracy of :meth:`predictions` on the examples it scores."""
-        predictions = self.predictions(images, labels, **kwargs)
-        batch_size = kwargs["batch_size"]
-        scored = labels.reshape(-1, batch_size)[:, :predictions.shape[1]]
-        return float(np.mean(predictions == scored))
+def accuracy(run, images, labels, **kwargs) -> float:
+    """Accuracy of :func:`predictions` on the examples it scores."""
+    predicted = predictions(run, images, labels, **kwargs)
+    scored = labels.reshape(-1, kwargs["batch_size"])[:, :predicted.shape[1]]
+    return float(np.mean(predicted == scored))
 
 
 # ----------------------------------------------------------------------------- sweeps
 
-def eps_sweep(evaluator, bn_modes, eps_values=SWEEP_EPS, *, steps=7, batch_size=500,
+def eps_sweep(run, bn_modes, eps_values=SWEEP_EPS, *, steps=7, batch_size=500,
               num_examples=None, seed=0) -> list[dict]:
     """PGD accuracy against eps (Fig. 2a), step size eps/7 as in the paper's sweep (so 7
     steps can cross the ball once; PGD starts at a random point inside it)."""
     settings = [dict(eps=float(eps), steps=steps, step_size=float(eps) / 7)
                 for eps in eps_values]
-    return _pgd_sweep(evaluator, bn_modes, settings, batch_size, num_examples, seed)
+    return _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed)
 
 
-def steps_sweep(evaluator, bn_modes, steps_values=SWEEP_STEPS, *, eps=attacks.DEFAULT_EPS,
+def steps_sweep(run, bn_modes, steps_values=SWEEP_STEPS, *, eps=attacks.DEFAULT_EPS,
                 step_size=attacks.DEFAULT_STEP_SIZE, batch_size=500, num_examples=None,
                 seed=0) -> list[dict]:
     """PGD accuracy against the number of steps (Fig. 2b) at the paper's eps and step;
     each steps value is its own PGD run from the same random start."""
     settings = [dict(eps=eps, steps=int(steps), step_size=step_size) for steps in steps_values]
-    return _pgd_sweep(evaluator, bn_modes, settings, batch_size, num_examples, seed)
+    return _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed)
 
 
-def _pgd_sweep(evaluator, bn_modes, settings, batch_size, num_examples, seed):
+def _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed):
     """One row per (BN mode, PGD settings), with the mode's clean accuracy beside it."""
-    images, labels = load_test_set(evaluator.run, num_examples, multiple_of=batch_size)
+    images, labels = run.test_set(num_examples, multiple_of=batch_size)
     rows = []
     for mode in check_bn_modes(bn_modes):
         common = dict(batch_size=batch_size, bn_mode=mode)
-        clean = evaluator.accuracy(images, labels, **common)
+        clean = accuracy(run, images, labels, **common)
         for values in settings:
-            accuracy = evaluator.accuracy(images, labels, attack="pgd", seed=seed, **values,
-                                          **common)
-            rows.append(_sweep_row(evaluator.run, mode, len(images), batch_size, clean,
-                                   **values, accuracy=accuracy))
+            attacked = accuracy(run, images, labels, attack="pgd", seed=seed, **values,
+                                **common)
+            rows.append(_sweep_row(run, mode, len(images), batch_size, clean,
+                                   **values, accuracy=attacked))
     return rows
 
 
@@ -221,12 +131,9 @@ def _grouped(rows):
     return groups
 
 
-def plot_sweep(rows, x: str, path: str, xlabel: str, title: str) -> None:
-    """PGD accuracy (%) against ``x``, one line per (run, BN mode), saved as PNG."""
-    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
-
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
+def plot_sweep(rows, x: str, xlabel: str, title: str):
+    """PGD accuracy (%) against ``x``, one line per (run, BN mode)."""
+    fig, ax = reports.new_figure(figsize=(5.5, 4))
     for (label, mode), group in _grouped(rows).items():
         group = sorted(group, key=lambda row: row[x])
         ax.plot([row[x] for row in group], [100 * row["accuracy"] for row in group],
@@ -237,27 +144,27 @@ def plot_sweep(rows, x: str, path: str, xlabel: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 # ------------------------------------------------------------------------ batch study
 
-def batch_size_rows(evaluator, images, labels, bn_modes, batch_sizes=BATCH_SIZES, *,
+def batch_size_rows(run, images, labels, bn_modes, batch_sizes=BATCH_SIZES, *,
                     attack="pgd", seed=0) -> list[dict]:
     """Clean and joint-attack accuracy at each evaluation batch size."""
     rows = []
     for batch_size in batch_sizes:
         for mode in check_bn_modes(bn_modes):
             common = dict(batch_size=batch_size, bn_mode=mode)
-            rows.append({"run": run_label(evaluator.run), "bn_mode": mode,
+            rows.append({"run": run_label(run), "bn_mode": mode,
                          "batch_size": batch_size, "num_examples": len(images),
-                         "clean": evaluator.accuracy(images, labels, **common),
-                         attack: evaluator.accuracy(images, labels, attack=attack, seed=seed,
-                                                    **common)})
+                         "clean": accuracy(run, images, labels, **common),
+                         attack: accuracy(run, images, labels, attack=attack, seed=seed,
+                                          **common)})
     return rows
 
 
-def shuffle_rows(evaluator, images, labels, bn_modes, *, batch_size=128, partitions=5,
+def shuffle_rows(run, images, labels, bn_modes, *, batch_size=128, partitions=5,
                  attack="pgd", seed=0) -> list[dict]:
     """The same examples in ``partitions`` random partitions into batches: mean and std of
     accuracy over the partitions, and the fraction of examples whose predicted class is the
@@ -267,24 +174,24 @@ def shuffle_rows(evaluator, images, labels, bn_modes, *, batch_size=128, partiti
               for p in range(partitions)]
     rows = []
     for mode in check_bn_modes(bn_modes):
-        row = {"run": run_label(evaluator.run), "bn_mode": mode, "batch_size": batch_size,
+        row = {"run": run_label(run), "bn_mode": mode, "batch_size": batch_size,
                "partitions": partitions, "num_examples": len(images)}
         for name in ("clean", attack):
-            predictions = np.empty((partitions, len(images)), np.int64)
+            predicted = np.empty((partitions, len(images)), np.int64)
             for p, order in enumerate(orders):
-                predictions[p, order] = evaluator.predictions(
-                    images[order], labels[order], batch_size=batch_size, bn_mode=mode,
+                predicted[p, order] = predictions(
+                    run, images[order], labels[order], batch_size=batch_size, bn_mode=mode,
                     attack=None if name == "clean" else attack, seed=seed + 1000 * (p + 1)
                 ).reshape(-1)
-            accuracies = np.mean(predictions == labels, axis=1)
+            accuracies = np.mean(predicted == labels, axis=1)
             row[name] = {"mean": float(accuracies.mean()), "std": float(accuracies.std()),
-                         "agreement": float(np.mean(np.all(predictions == predictions[0],
+                         "agreement": float(np.mean(np.all(predicted == predicted[0],
                                                            axis=0)))}
         rows.append(row)
     return rows
 
 
-def threat_rows(evaluator, images, labels, bn_modes, *, batch_size=128, attacked=None,
+def threat_rows(run, images, labels, bn_modes, *, batch_size=128, attacked=None,
                 max_passes=8, attack="pgd", seed=0) -> list[dict]:
     """Attacker controlling ``k`` images per batch (each ``k`` of ``attacked``; default 1,
     10% and the whole batch), and the transfer attack crafted under ``tracked``.
@@ -303,19 +210,18 @@ def threat_rows(evaluator, images, labels, bn_modes, *, batch_size=128, attacked
                 rolled_labels = _rolled(labels, batch_size, p * k)
                 common = dict(batch_size=batch_size, bn_mode=mode, attacked=k)
                 scored = rolled_labels.reshape(-1, batch_size)[:, :k]
-                clean.append(evaluator.predictions(rolled, rolled_labels, **common) == scored)
-                robust.append(evaluator.predictions(rolled, rolled_labels, attack=attack,
-                                                    seed=seed + 1000 * (p + 1), **common)
-                              == scored)
-            rows.append(_threat_row(evaluator.run, mode, batch_size,
+                clean.append(predictions(run, rolled, rolled_labels, **common) == scored)
+                robust.append(predictions(run, rolled, rolled_labels, attack=attack,
+                                          seed=seed + 1000 * (p + 1), **common) == scored)
+            rows.append(_threat_row(run, mode, batch_size,
                                     "whole batch" if k == batch_size else f"{k} per batch",
                                     np.concatenate(clean), np.concatenate(robust), attack))
         if mode != "tracked":
-            clean = evaluator.predictions(images, labels, batch_size=batch_size,
-                                          bn_mode=mode) == labels.reshape(-1, batch_size)
-            robust = evaluator.predictions(images, labels, batch_size=batch_size, bn_mode=mode,
-                                           attack=attack, attack_bn_mode="tracked", seed=seed)
-            rows.append(_threat_row(evaluator.run, mode, batch_size,
+            clean = predictions(run, images, labels, batch_size=batch_size,
+                                bn_mode=mode) == labels.reshape(-1, batch_size)
+            robust = predictions(run, images, labels, batch_size=batch_size, bn_mode=mode,
+                                 attack=attack, attack_bn_mode="tracked", seed=seed)
+            rows.append(_threat_row(run, mode, batch_size,
                                     "whole batch, crafted under tracked", clean,
                                     robust == labels.reshape(-1, batch_size), attack))
     return rows
@@ -332,22 +238,22 @@ def _threat_row(run, mode, batch_size, attacker, clean, robust, attack):
             "clean": float(np.mean(clean)), attack: float(np.mean(robust))}
 
 
-def batch_study(evaluator, bn_modes, *, num_examples=None, batch_sizes=BATCH_SIZES,
+def batch_study(run, bn_modes, *, num_examples=None, batch_sizes=BATCH_SIZES,
                 batch_size=128, partitions=5, attacked=None, max_passes=8, attack="pgd",
                 seed=0) -> dict:
     """All three parts on the first ``N`` test examples, ``N`` a multiple of every batch
     size used."""
     multiple = int(np.lcm.reduce([*batch_sizes, batch_size]))
-    images, labels = load_test_set(evaluator.run, num_examples, multiple_of=multiple)
+    images, labels = run.test_set(num_examples, multiple_of=multiple)
     return {
-        "run": run_label(evaluator.run), "model": evaluator.run.name,
-        "workdir": evaluator.run.workdir, "epoch": evaluator.run.epoch, "attack": attack,
+        "run": run_label(run), "model": run.name,
+        "workdir": run.workdir, "epoch": run.epoch, "attack": attack,
         "num_examples": len(images),
-        "batch_size": batch_size_rows(evaluator, images, labels, bn_modes, batch_sizes,
+        "batch_size": batch_size_rows(run, images, labels, bn_modes, batch_sizes,
                                       attack=attack, seed=seed),
-        "shuffle": shuffle_rows(evaluator, images, labels, bn_modes, batch_size=batch_size,
+        "shuffle": shuffle_rows(run, images, labels, bn_modes, batch_size=batch_size,
                                 partitions=partitions, attack=attack, seed=seed),
-        "threat": threat_rows(evaluator, images, labels, bn_modes, batch_size=batch_size,
+        "threat": threat_rows(run, images, labels, bn_modes, batch_size=batch_size,
                               attacked=attacked, max_passes=max_passes, attack=attack,
                               seed=seed),
     }
@@ -390,12 +296,9 @@ def format_batch_study(studies) -> str:
     return "\n".join(lines)
 
 
-def plot_batch_sizes(studies, path: str) -> None:
+def plot_batch_sizes(studies):
     """Clean (dashed) and attacked (solid) accuracy against the batch size, log2 axis."""
-    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
-
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
+    fig, ax = reports.new_figure(figsize=(5.5, 4))
     for study in studies:
         attack = study["attack"]
         for mode in dict.fromkeys(row["bn_mode"] for row in study["batch_size"]):
@@ -412,7 +315,7 @@ def plot_batch_sizes(studies, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 SWEEPS = {  # x key, axis label, title
@@ -424,10 +327,9 @@ SWEEPS = {  # x key, axis label, title
 def write_sweep(rows, x: str, output_dir: str) -> str:
     """``<x>_sweep.json``, ``.md`` and ``.png`` into ``output_dir``; returns the table."""
     key, xlabel, title = SWEEPS[x]
-    stem = os.path.join(output_dir, f"{x}_sweep")
     table = format_sweep(rows, key)
-    _write(stem, rows, table)
-    plot_sweep(rows, key, stem + ".png", xlabel, title)
+    reports.write(output_dir, f"{x}_sweep", rows, table)
+    reports.save_figure(plot_sweep(rows, key, xlabel, title), output_dir, f"{x}_sweep", dpi=120)
     return table
 
 
@@ -435,14 +337,8 @@ def write_batch_study(studies, output_dir: str) -> str:
     """``batch.json``, ``batch.md`` and ``batch_size.png`` into ``output_dir``; returns
     the tables."""
     tables = format_batch_study(studies)
-    _write(os.path.join(output_dir, "batch"), studies, tables)
-    plot_batch_sizes(studies, os.path.join(output_dir, "batch_size.png"))
+    reports.write(output_dir, "batch", studies, tables)
+    reports.save_figure(plot_batch_sizes(studies), output_dir, "batch_size", dpi=120)
     return tables
 
 
-def _write(stem, obj, markdown):
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(obj, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown + "\n")

@@ -8,78 +8,53 @@ one image depend on the whole batch, for the attacker and for the scorer alike).
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-
 import jax
-import jax.numpy as jnp
+import numpy as np
 import tqdm
 
-from awn_jax import attacks, counting
-from awn_jax.nn.batchnorm import BN_MODES
-from awn_jax.state import apply_model, with_bn_mode
+from awn_jax import reports
+from awn_jax.evaluation import EVAL_BN_MODES, check_bn_modes
+from awn_jax.nn import counting
+from awn_jax.robustness import attacks
 
-# Every mode but "train", which would update the running statistics while evaluating.
-EVAL_BN_MODES = tuple(mode for mode in BN_MODES if mode != "train")
-
-
-def check_bn_modes(bn_modes) -> tuple[str, ...]:
-    """``bn_modes`` as a tuple, or a clear error for a mode that is not an evaluation mode."""
-    for mode in bn_modes:
-        if mode not in EVAL_BN_MODES:
-            raise ValueError(f"unknown evaluation BN mode {mode!r}; expected one of "
-                             f"{EVAL_BN_MODES}")
-    return tuple(bn_modes)
-
-
-def _correct(graphdef, attack_name, settings, params, batch_stats, images, labels, key):
-    """Number of examples still classified correctly after the attack (None: clean)."""
-    def logits_fn(x):
-        return apply_model(graphdef, params, batch_stats, x)[0]
-
-    if attack_name is not None:
-        images = attacks.attack(attack_name, logits_fn, images, labels, key=key, **settings)
-    return jnp.sum(jnp.argmax(logits_fn(images), -1) == labels)
+__all__ = ["EVAL_BN_MODES", "check_bn_modes", "evaluate_run", "format_table", "write_report"]
 
 
 def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size=None,
                  batch_size=500, num_examples=None, seed=0, show_progress=True) -> list[dict]:
-    """One row per BN mode: clean accuracy and accuracy under each attack, in [0, 1]."""
+    """One row per BN mode: clean accuracy and accuracy under each attack, in [0, 1], on
+    the first ``num_examples`` test examples in batches of ``batch_size`` (the last one
+    smaller when they do not divide)."""
     settings = {"eps": eps, "steps": steps, "step_size": step_size}
-    for name in attack_names:
-        attacks.check_attack_name(name)
+    configured = {name: attacks.configured(attacks.check_attack_name(name), **settings)
+                  for name in attack_names}
     check_bn_modes(bn_modes)
-    compiled = {
-        (mode, name): jax.jit(functools.partial(
-            _correct, with_bn_mode(run.graphdef, run.params, run.batch_stats, mode), name,
-            settings))
-        for mode in bn_modes for name in (None, *attack_names)}
-    counts = {mode: {name: 0 for name in ("clean", *attack_names)} for mode in bn_modes}
-    total = 0
-    batches = run.dataset.test_batches(batch_size, num_examples=num_examples)
-    num_batches = -(-min(num_examples or run.dataset.info.num_test,
-                         run.dataset.info.num_test) // batch_size)
+    images, labels = run.test_set(num_examples)
+    full = len(images) - len(images) % batch_size
+    parts = [(slice(0, full), batch_size), (slice(full, None), len(images) - full)]
     cost = counting.count_architecture(run.config.model, run.config.layer_type,
                                        num_classes=run.dataset.info.num_classes,
                                        image_size=run.config.image_size)
-    with tqdm.tqdm(total=num_batches * len(compiled), disable=not show_progress,
+    accuracy = {mode: {} for mode in bn_modes}
+    with tqdm.tqdm(total=len(bn_modes) * (1 + len(attack_names)), disable=not show_progress,
                    desc=run.name, unit="eval") as progress:
-        for index, batch in enumerate(batches):
-            images, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
-            total += len(labels)
-            for mode in bn_modes:
-                for position, name in enumerate((None, *attack_names)):
-                    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index),
-                                             position)
-                    correct = compiled[mode, name](run.params, run.batch_stats, images, labels,
-                                                   key)
-                    counts[mode][name or "clean"] += int(correct)
-                    progress.update()
+        for mode in bn_modes:
+            for position, name in enumerate((None, *attack_names)):
+                attack, args = configured.get(name, (None, ()))
+                key = jax.random.fold_in(jax.random.key(seed), position)
+                correct = 0
+                for part, (rows, size) in enumerate(parts):
+                    if size:  # the smaller last batch gets keys of its own
+                        predictions = run.evaluator.predictions(
+                            images[rows], labels[rows], batch_size=size, bn_mode=mode,
+                            attack=attack, attack_args=args,
+                            key=jax.random.fold_in(key, part))
+                        correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
+                accuracy[mode][name or "clean"] = correct / len(images)
+                progress.update()
     return [{"model": run.name, "workdir": run.workdir, "epoch": run.epoch, "bn_mode": mode,
-             "num_examples": total, "mul": cost.mul, "add": cost.add,
-             **{name: counts[mode][name] / total for name in counts[mode]},
-             "settings": {k: v for k, v in settings.items() if v is not None}}
+             "num_examples": len(images), "mul": cost.mul, "add": cost.add,
+             **accuracy[mode], "settings": {k: v for k, v in settings.items() if v is not None}}
             for mode in bn_modes]
 
 
@@ -98,9 +73,5 @@ def format_table(rows, attack_names) -> str:
 def write_report(rows, attack_names, output_dir: str, stem: str = "robustness") -> str:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``output_dir``; returns the table."""
     table = format_table(rows, attack_names)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(output_dir, f"{stem}.md"), "w") as f:
-        f.write(table + "\n")
+    reports.write(output_dir, stem, rows, table)
     return table

@@ -8,6 +8,6 @@ writes both into an output directory:
 * :mod:`.curves` -- test loss and accuracy per epoch of several runs (Fig. 1a, 2d).
 * :mod:`.distributions` -- weight histograms with Laplace/Gaussian fits (Fig. 1c-d),
   features before BN across epochs (Fig. 3), BN running statistics and their drift.
-* :mod:`.theory` -- the Monte Carlo check of Sec. 3 (``awn_jax.variance_theory``) with a
+* :mod:`.theory` -- the Monte Carlo check of Sec. 3 (``awn_jax.stability.variance_theory``) with a
   figure of where the Eq. 7-8 bounds hold.
 """

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from awn_jax import checkpointing
-from awn_jax.metrics_io import read_metrics
-from awn_jax.stability.common import new_figure, run_label, unique_labels
+from awn_jax.reports import new_figure
+from awn_jax.stability.common import run_label, unique_labels
+from awn_jax.training import checkpointing
+from awn_jax.training.metrics import read_metrics
 
 SERIES = ("train_loss", "test_loss", "test_accuracy", "bn_mean_drift", "bn_var_drift")
 

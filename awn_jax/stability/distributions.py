@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from awn_jax.model import named_leaves, with_bn_mode
 from awn_jax.nn import Conv2d
-from awn_jax.stability.common import new_figure, run_label, unique_labels
-from awn_jax.state import named_leaves
-from awn_jax.state import with_bn_mode
-from awn_jax.train import bn_drift
+from awn_jax.reports import new_figure
+from awn_jax.stability.common import run_label, unique_labels
+from awn_jax.training.state import bn_drift
 
 # ---------------------------------------------------------------------------------------
 # Fits

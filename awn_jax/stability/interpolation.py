@@ -27,9 +27,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from awn_jax.evaluation import Evaluator
+from awn_jax.model import apply_model
 from awn_jax.nn import BatchNorm, set_bn_mode
-from awn_jax.stability.common import evaluate, new_figure, run_label
-from awn_jax.state import apply_model, with_bn_mode
+from awn_jax.reports import new_figure
+from awn_jax.stability.common import run_label
 
 BN_STATS = ("interpolate", "reestimate")
 
@@ -72,7 +74,7 @@ def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "inter
                     num_examples: int | None = None, reestimate_batches: int = 10) -> dict:
     """Test accuracy and loss at ``num_points`` interpolated models plus the two ends.
 
-    ``run_a``, ``run_b``: two :class:`awn_jax.runs.Run` of the same workdir (two epochs).
+    ``run_a``, ``run_b``: two :class:`awn_jax.training.runs.Run` of the same workdir (two epochs).
     Re-estimation uses the first ``reestimate_batches`` training batches (augmented, of
     the run's own batch size) of the epoch after ``run_b``'s.
     """
@@ -83,7 +85,7 @@ def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "inter
     if dict(run_a.config) != dict(run_b.config):
         raise ValueError("interpolation needs two checkpoints of the same run (same config)")
     alphas = np.linspace(0.0, 1.0, num_points + 2)
-    graphdef = with_bn_mode(run_a.graphdef, run_a.params, run_a.batch_stats, bn_mode)
+    evaluator = Evaluator(run_a.graphdef, run_a.params, run_a.batch_stats)
     test = list(run_a.dataset.test_batches(batch_size, num_examples=num_examples))
     train = []
     if bn_stats == "reestimate":
@@ -96,7 +98,8 @@ def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "inter
             stats = lerp(run_a.batch_stats, run_b.batch_stats, float(alpha))
         else:
             stats = reestimate_bn(run_a.graphdef, params, run_a.batch_stats, train)
-        points.append(evaluate(graphdef, params, stats, test))
+        points.append(evaluator.loss_and_accuracy(test, bn_mode=bn_mode, params=params,
+                                                  batch_stats=stats))
     return {
         "model": run_label(run_a.config), "workdir": run_a.workdir,
         "epoch_a": run_a.epoch, "epoch_b": run_b.epoch, "bn_stats": bn_stats,

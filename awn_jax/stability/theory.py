@@ -1,4 +1,4 @@
-"""The variance analysis of Sec. 3 as a study: :mod:`awn_jax.variance_theory`'s checks
+"""The variance analysis of Sec. 3 as a study: :mod:`awn_jax.stability.variance_theory`'s checks
 (Eq. 4-5 exact moments, Eq. 6-8 bounds, Eq. 13-15 perturbations, a real adder layer) and a
 figure of how tight Eq. 7 and Eq. 8 are as the weight mean moves, per weight scale b.
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from awn_jax import variance_theory as vt
-from awn_jax.stability.common import new_figure
+from awn_jax.stability import variance_theory as vt
+from awn_jax.reports import new_figure
 
 
 def run(seed: int = 0, samples: int = 20_000, sweep_points: int = 41, grid=None,

@@ -33,7 +33,7 @@ holds if and only if ``E|x - W| <= b + tau_sigma + |tau_mu|``, i.e. exactly when
 holds. The exact ``E|x - W|`` is a one-dimensional integral (:func:`adder_exact_moments`)
 used here as a second reference next to the Monte Carlo.
 
-What the checks show (``python -m awn_jax.variance_theory``): Eq. 4-5 are exact. Eq. 7-8
+What the checks show (``python -m awn_jax.stability.variance_theory``): Eq. 4-5 are exact. Eq. 7-8
 hold except in a narrow band of ``tau_mu`` around 0 (:func:`bound_failure_band`), where
 the Laplace step underestimates ``E|x - W - tau_mu|`` by about ``Var[x] / (4 b)``: the
 band's half-width is ``~(pi-1) sigma^2 / (8 pi b)`` and the relative violation in it

@@ -4,14 +4,19 @@ analysis: its config, dataset, and the model of any saved epoch."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
-from awn_jax import checkpointing, data
-from awn_jax.state import apply_model, with_bn_mode
-from awn_jax.train import create_train_state
+from awn_jax import data
+from awn_jax.errors import UserError
+from awn_jax.evaluation import Evaluator
+from awn_jax.model import apply_model, with_bn_mode
+from awn_jax.training import checkpointing
+from awn_jax.training.state import create_train_state
 
 
 @dataclasses.dataclass
@@ -23,10 +28,30 @@ class Run:
     graphdef: Any
     params: Any
     batch_stats: Any
+    eval_chunk_size: int = 512  # examples per evaluation call (see ``Evaluator``)
 
     @property
     def name(self) -> str:
         return f"{self.config.model}-{self.config.layer_type}"
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        """The run's evaluator over all local devices; kept, so its compiled programs
+        serve every later evaluation of the run."""
+        return Evaluator(self.graphdef, self.params, self.batch_stats,
+                         chunk_size=self.eval_chunk_size)
+
+    def test_set(self, num_examples: int | None = None, multiple_of: int = 1):
+        """``(images, labels)``: the first ``num_examples`` (all when None) of the fixed test
+        order as numpy arrays, cut to a multiple of ``multiple_of``."""
+        total = min(num_examples or self.dataset.info.num_test, self.dataset.info.num_test)
+        total -= total % multiple_of
+        if total == 0:
+            raise UserError(f"need at least {multiple_of} test examples for batches of "
+                            f"{multiple_of}")
+        batches = list(self.dataset.test_batches(min(total, 1000), num_examples=total))
+        return (np.concatenate([b["image"] for b in batches]),
+                np.concatenate([b["label"] for b in batches]))
 
     def logits_fn(self, bn_mode: str):
         """``images -> logits`` with every BatchNorm in ``bn_mode`` (a pure function of the

@@ -1,0 +1,28 @@
+"""The device mesh every data-parallel computation runs over (training and evaluation), and
+joining a multi-host run."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from awn_jax.errors import UserError
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D mesh named ``data`` over the first ``num_devices`` devices (0: all)."""
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise UserError(f"num_devices={num_devices} but only {len(devices)} devices exist")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def maybe_initialize_distributed(force: bool = False) -> None:
+    """Join a multi-host run when asked to, or when JAX's coordinator is configured."""
+    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()

@@ -1,0 +1,57 @@
+"""The one writer of results: ``<stem>.json`` (numpy values as plain numbers), an optional
+``<stem>.md`` table beside it, and figures drawn outside pyplot.
+
+Every table and study (Table 1, the sweeps, the batch study, the stability studies, the
+reproduction report) writes through here, so every result is found and read the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+def write(output_dir: str, stem: str, results, markdown: str | None = None) -> str:
+    """Write ``results`` as ``<output_dir>/<stem>.json`` and ``markdown`` (if given) as
+    ``<stem>.md``, each replaced atomically; returns the JSON's path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{stem}.json")
+    _replace(path, json.dumps(results, indent=2, default=_to_builtin) + "\n")
+    if markdown is not None:
+        _replace(os.path.join(output_dir, f"{stem}.md"), markdown.rstrip("\n") + "\n")
+    return path
+
+
+def new_figure(*grid, figsize, **subplots_kwargs):
+    """``(figure, axes)`` like ``plt.subplots``, but outside pyplot: results are written
+    on any machine without touching the caller's backend (a notebook keeps its inline one),
+    and the figure is freed with its last reference."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **subplots_kwargs)
+
+
+def save_figure(fig, output_dir: str, stem: str, dpi: int = 100) -> str:
+    """``<output_dir>/<stem>.png``; returns its path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{stem}.png")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _replace(path: str, text: str) -> None:
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def _to_builtin(value):
+    """numpy scalars and arrays in JSON."""
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,11 @@
+"""White-box attacks and the robustness evaluations built on them.
+
+* :mod:`.attacks` -- the attacks, pure functions of a logits function.
+* :mod:`.table` -- the paper's Table 1: clean and attacked accuracy per BatchNorm mode.
+* :mod:`.studies` -- sweeps of eps and steps (Fig. 2a-b) and the batch-composition study.
+"""
+
+from awn_jax.robustness.table import (EVAL_BN_MODES, check_bn_modes, evaluate_run, format_table,
+                                      write_report)
+
+__all__ = ["EVAL_BN_MODES", "check_bn_modes", "evaluate_run", "format_table", "write_report"]

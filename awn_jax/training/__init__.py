@@ -1,0 +1,13 @@
+"""Training: the data-parallel loop, its state and optimizer, checkpoints, metrics, and
+loading a finished run back for evaluation.
+
+* :mod:`.loop` -- ``train_and_evaluate(config, workdir)``.
+* :mod:`.state` -- the train state and its creation.
+* :mod:`.checkpointing` -- Orbax checkpoints and the run's saved config.
+* :mod:`.metrics` -- ``metrics.jsonl`` and TensorBoard scalars.
+* :mod:`.runs` -- a saved run loaded back (config, dataset, model of any epoch).
+"""
+
+from awn_jax.training.loop import Trainer, train_and_evaluate
+
+__all__ = ["Trainer", "train_and_evaluate"]
