@@ -10,8 +10,6 @@ about their update is the same.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import optax
 from flax import nnx
@@ -21,33 +19,39 @@ from awn_jax.nn import AWNParam
 LR_SCHEDULES = ("cosine-epoch", "cosine-step", "constant")
 
 
+def _decay(config, base: float, steps: int, steps_per_epoch: int) -> optax.Schedule:
+    """The decay after the warmup, over its ``steps`` steps, counted from the warmup's end."""
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(base)
+    if config.lr_schedule == "cosine-epoch":
+        # Floored to the epoch: lr/2 * (1 + cos(pi * epoch / epochs)), constant within one.
+        cosine = optax.cosine_decay_schedule(base, steps / steps_per_epoch)
+        return lambda step: cosine(step // steps_per_epoch)
+    return optax.cosine_decay_schedule(base, steps)
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """Learning rate per step: optional linear warmup, then the configured decay.
 
     ``cosine-epoch`` is the official one: ``lr/2 * (1 + cos(pi * epoch / num_epochs))``,
-    constant within an epoch.
+    constant within an epoch. A warmup of ``warmup_epochs`` (rounded to whole steps) rises
+    linearly to ``learning_rate``, reached at its last step, ``lr * (step + 1) / warmup``;
+    the decay then starts from ``learning_rate`` and spans the remaining steps
+    (``optax.join_schedules``), so the rate is continuous where the warmup ends.
     """
     if config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; "
                          f"expected one of {LR_SCHEDULES}")
     base, total = config.learning_rate, config.num_epochs * steps_per_epoch
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
-
-    def decay(step):
-        if config.lr_schedule == "constant":
-            return base
-        if config.lr_schedule == "cosine-epoch":
-            progress = (step // steps_per_epoch) / config.num_epochs
-        else:
-            progress = step / total
-        return 0.5 * base * (1.0 + jax.numpy.cos(math.pi * progress))
-
-    def schedule(step):
-        if warmup == 0:
-            return decay(step)
-        return jax.numpy.where(step < warmup, base * (step + 1) / warmup, decay(step))
-
-    return schedule
+    if warmup >= total and config.lr_schedule != "constant":
+        raise ValueError(f"warmup_epochs={config.warmup_epochs} leaves none of the "
+                         f"{config.num_epochs} epochs to the {config.lr_schedule} decay")
+    decay = _decay(config, base, total - warmup, steps_per_epoch)
+    if warmup == 0:
+        return decay
+    ramp = optax.linear_schedule(base / warmup, base, transition_steps=warmup - 1)
+    return optax.join_schedules([ramp, decay], boundaries=[warmup])
 
 
 def awn_mask(params: nnx.State):

@@ -14,9 +14,12 @@ Implementations (``--impl``, comma-separated): ``auto``, ``xla``, ``pallas``, ``
 ``implementation=`` of ``awn_jax.ops.adder_conv2d``); ``pallas:pixels=128:warps=8`` and the like
 (the Pallas kernels with other ``adder_pallas.Tiles``; keys starting ``dx_``, e.g.
 ``pallas:dx_pixels=32``, change only the input-gradient kernel's tiles); ``file=PATH``: the
-``adder_conv2d(x, kernel, stride, padding, eta)`` of a Python file, e.g. a kernel module of an
-earlier commit (``git show REV:awn_jax/ops/adder_pallas.py > old_pallas.py``), so two versions
-are timed in one run; ``naive``: the plain
+kernels ``forward``, ``input_grad``, ``weight_grad`` of a Python file, run through the shared
+op (``adder_vjp.adder_op``), e.g. a kernel module of an earlier commit (``git show
+REV:awn_jax/ops/adder_pallas.py > old_pallas.py``), so two versions are timed in one run (a
+file with an ``adder_conv2d(x, kernel, stride, padding, eta)`` instead is called as it is;
+kernel modules from before the op was split into ``adder_vjp`` import helpers that are gone
+and do not load); ``naive``: the plain
 ``adder_conv2d_reference`` (unfold, broadcast, reduce; its f+b is plain ``jax.grad``, the true
 l1 gradient), only where its broadcast tensor stays under ``--reference-max-mb``;
 ``conv-fp32``: lax.conv itself at ``Precision.HIGHEST``, i.e. in float32 arithmetic where the
@@ -66,7 +69,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # awn_jax
-from awn_jax.ops import adder_conv2d, adder_pallas, resolve_implementation  # noqa: E402
+from awn_jax.ops import adder_conv2d, adder_pallas, adder_vjp, resolve_implementation  # noqa: E402
 from awn_jax.ops.reference import (adder_conv2d_reference,  # noqa: E402
                                    adder_conv2d_reference_grads)
 
@@ -127,13 +130,16 @@ class Impl(NamedTuple):
 
 
 def load_adder_from_file(path: str):
-    """``adder_conv2d`` of the Python file at ``path`` (it may import ``awn_jax``)."""
+    """``adder_conv2d(x, kernel, stride, padding, eta)`` of the Python file at ``path`` (it
+    may import ``awn_jax``): the shared op over its three kernels, or its own function."""
     module_spec = importlib.util.spec_from_file_location(
         "bench_adder_" + os.path.splitext(os.path.basename(path))[0], path)
     if module_spec is None:
         raise SystemExit(f"--impl file={path}: not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    if all(hasattr(module, name) for name in ("forward", "input_grad", "weight_grad")):
+        return adder_vjp.adder_op(module.forward, module.input_grad, module.weight_grad)
     return module.adder_conv2d
 
 
@@ -157,8 +163,8 @@ def parse_impl(spec: str) -> Impl:
                                       if not key.startswith("dx_")})
         dx_tiles = tiles._replace(**{key[len("dx_"):]: int(value)
                                      for key, value in fields.items() if key.startswith("dx_")})
-        return Impl(spec, lambda s, p: lambda x, k: adder_pallas.adder_conv2d(
-            x, k, s, p, ETA, tiles=tiles, input_grad_tiles=dx_tiles))
+        return Impl(spec, lambda s, p: lambda x, k: adder_conv2d(
+            x, k, s, p, ETA, implementation="pallas", tiles=tiles, input_grad_tiles=dx_tiles))
     label = spec if spec != "auto" else f"auto ({resolve_implementation('auto')})"
     resolve_implementation(spec)  # an unknown name fails here, before any measurement
     return Impl(label, lambda s, p: lambda x, k: adder_conv2d(x, k, s, p, ETA,

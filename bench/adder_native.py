@@ -3,7 +3,7 @@
 For every distinct adder-layer shape of the CIFAR ResNet-20 (``adder_conv.RESNET20_LAYERS``),
 float32, in one run and interleaved per layer so that all three see the same machine load:
 
-* fwd: the forward of ``adder_native.adder_conv2d``, of the pure-XLA ``adder.adder_conv2d``
+* fwd: the forward of ``adder_conv2d(implementation="native")``, of the pure-XLA one
   (``implementation="xla"``) and of ``lax.conv_general_dilated``;
 * f+b: ``value_and_grad`` of ``sum(output * cotangent)`` with respect to input and kernel
   (adders: the official backward, ``eta=0.2``).
@@ -141,9 +141,9 @@ def cpu_gps(fn, args, elements: float, repeats: int) -> float:
 def native_parts(layer, stride, padding):
     """The three native kernels alone, jitted: forward, input gradient, weight gradient."""
     return {
-        "fwd": jax.jit(lambda x, k, g: adder_native._forward(x, k, stride, padding)),
-        "dx": jax.jit(lambda x, k, g: adder_native._input_grad(x, k, g, stride, padding)),
-        "dw": jax.jit(lambda x, k, g: adder_native._weight_grad(x, k, g, stride, padding)),
+        "fwd": jax.jit(lambda x, k, g: adder_native.forward(x, k, stride, padding)),
+        "dx": jax.jit(lambda x, k, g: adder_native.input_grad(x, k, g, stride, padding)),
+        "dw": jax.jit(lambda x, k, g: adder_native.weight_grad(x, k, g, stride, padding)),
     }
 
 
@@ -180,7 +180,8 @@ def main():
             s, p = layer.stride, layer.padding
             x, kernel, ct = make_inputs(layer, batch)
             forwards = {
-                "native": lambda x, k: adder_native.adder_conv2d(x, k, s, p, ETA),
+                "native": lambda x, k: adder.adder_conv2d(x, k, s, p, ETA,
+                                                          implementation="native"),
                 "xla": lambda x, k: adder.adder_conv2d(x, k, s, p, ETA, implementation="xla"),
                 "conv": lambda x, k: lax.conv_general_dilated(
                     x, k, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")),
@@ -203,8 +204,8 @@ def main():
                          for k, f in native_parts(layer, s, p).items()}
                 parts_rows.append((layer, batch, rates))
 
-    print("\nTimes in ms (median of samples). native = adder_native.adder_conv2d, xla = "
-          "adder.adder_conv2d(implementation='xla'), conv = lax.conv_general_dilated; "
+    print("\nTimes in ms (median of samples). native, xla = adder.adder_conv2d("
+          "implementation='native' / 'xla'), conv = lax.conv_general_dilated; "
           "ratios against conv; f+b = value_and_grad wrt x and kernel, eta=0.2.")
     if parts_rows:
         print("\nEach native kernel alone: G elements per CPU-second "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from awn_jax.ops import adder
+from awn_jax.ops import adder, adder_xla
 from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
 from adder_cases import assert_close, assert_matches_reference
 from adder_cases import inputs as _inputs
@@ -64,7 +64,7 @@ def test_weight_gradient_by_convolution_transpose_matches_reference(case):
     """The Pallas path's weight gradient (a multiplying convolution's kernel gradient)."""
     with jax.enable_x64():
         x, kernel, g, stride, padding = _inputs(case, jnp.float64)
-        dw = jax.jit(adder._weight_grad_by_conv, static_argnums=(3, 4))(
+        dw = jax.jit(adder_xla.weight_grad_by_conv, static_argnums=(3, 4))(
             x, kernel, g, stride, padding)
         _, rdw = adder_conv2d_reference_grads(x, kernel, g, stride, padding, None)
         assert_close(dw, rdw, 1e-12)

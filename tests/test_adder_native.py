@@ -1,7 +1,8 @@
-"""Native CPU adder kernels (awn_jax.ops.adder_native) against the plain float64 reference:
-values and the official AdderNet backward rules, over shapes that exercise the vector
-loops' tails (odd channel counts, short last pixel blocks), strides, paddings and kernel
-sizes; plus dtypes, transformations and the fallback when no compiler is found."""
+"""Native CPU adder kernels (awn_jax.ops.adder_native, ``implementation="native"``) against the
+plain float64 reference: values and the official AdderNet backward rules, over shapes that
+exercise the vector loops' tails (odd channel counts, short last pixel blocks), strides,
+paddings and kernel sizes; plus dtypes, transformations and the fallback when no compiler is
+found."""
 
 import functools
 import os
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from awn_jax.ops import adder_native
+from awn_jax.ops import adder, adder_native
 from awn_jax.ops import reference
 from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
 from adder_cases import assert_close, assert_matches_reference
@@ -24,6 +25,8 @@ from adder_cases import inputs as _inputs
 needs_native = pytest.mark.skipif(
     not adder_native.is_available(),
     reason=f"native adder kernels unavailable: {adder_native.unavailable_reason()}")
+
+adder_conv2d = functools.partial(adder.adder_conv2d, implementation="native")
 
 
 # (batch, height, width, cin, cout, kernel_size, stride, padding). Channel counts cover
@@ -45,7 +48,7 @@ GRID = [
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _native_grads(x, kernel, g, stride, padding, eta):
-    _, vjp = jax.vjp(lambda a, b: adder_native.adder_conv2d(a, b, stride, padding, eta),
+    _, vjp = jax.vjp(lambda a, b: adder_conv2d(a, b, stride, padding, eta),
                      x, kernel)
     return vjp(g)
 
@@ -56,7 +59,7 @@ def _native_grads(x, kernel, g, stride, padding, eta):
 def test_float64_matches_reference(case, eta):
     with jax.enable_x64():
         x, kernel, g, stride, padding = _inputs(case, jnp.float64)
-        y = jax.jit(adder_native.adder_conv2d, static_argnums=(2, 3, 4))(
+        y = jax.jit(adder_conv2d, static_argnums=(2, 3, 4))(
             x, kernel, stride, padding, eta)
         assert y.dtype == jnp.float64
         dx, dw = _native_grads(x, kernel, g, stride, padding, eta)
@@ -67,7 +70,7 @@ def test_float64_matches_reference(case, eta):
 @pytest.mark.parametrize("case", GRID[::2])
 def test_float32_within_1e5_of_float64_reference(case):
     x32, k32, g32, stride, padding = _inputs(case, jnp.float32, seed=1)
-    y = jax.jit(adder_native.adder_conv2d, static_argnums=(2, 3, 4))(
+    y = jax.jit(adder_conv2d, static_argnums=(2, 3, 4))(
         x32, k32, stride, padding, 0.2)
     dx, dw = _native_grads(x32, k32, g32, stride, padding, 0.2)
     chex.assert_type([y, dx, dw], jnp.float32)
@@ -95,7 +98,7 @@ def test_grad_jit_and_vmap():
     x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
 
     def loss(kernel, x):
-        return jnp.sum(adder_native.adder_conv2d(x, kernel, stride, padding) * g)
+        return jnp.sum(adder_conv2d(x, kernel, stride, padding) * g)
 
     grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
     dw, dx = grad_fn(kernel, x)
@@ -104,8 +107,8 @@ def test_grad_jit_and_vmap():
     assert_close(dw, rdw, 1e-6)
     # vmap over single examples: equal to the batched call.
     per_example = jax.vmap(
-        lambda xi: adder_native.adder_conv2d(xi[None], kernel, stride, padding)[0])(x)
-    assert_close(per_example, adder_native.adder_conv2d(x, kernel, stride, padding), 1e-6)
+        lambda xi: adder_conv2d(xi[None], kernel, stride, padding)[0])(x)
+    assert_close(per_example, adder_conv2d(x, kernel, stride, padding), 1e-6)
     # vmap over a stack of kernels, through the custom backward.
     stacked = jax.vmap(grad_fn, in_axes=(0, None))(jnp.stack([kernel, 2.0 * kernel]), x)
     assert_close(stacked[0][0], dw, 1e-5)
@@ -123,10 +126,10 @@ def test_adaptive_scaling_sets_the_weight_gradient_norm():
 def test_bfloat16_computed_in_float32_and_cast_back():
     x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
     xb, kb, gb = (a.astype(jnp.bfloat16) for a in (x, kernel, g))
-    y = adder_native.adder_conv2d(xb, kb, stride, padding)
+    y = adder_conv2d(xb, kb, stride, padding)
     dx, dw = _native_grads(xb, kb, gb, stride, padding, 0.2)
     chex.assert_type([y, dx, dw], jnp.bfloat16)
-    y32 = adder_native.adder_conv2d(xb.astype(jnp.float32), kb.astype(jnp.float32), stride,
+    y32 = adder_conv2d(xb.astype(jnp.float32), kb.astype(jnp.float32), stride,
                                     padding)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y32.astype(jnp.bfloat16)))
 
@@ -135,7 +138,7 @@ def test_bfloat16_computed_in_float32_and_cast_back():
 def test_non_square_kernel_takes_the_xla_path():
     x = jax.random.normal(jax.random.key(0), (2, 6, 7, 3))
     kernel = jax.random.normal(jax.random.key(1), (1, 3, 3, 5))
-    y = adder_native.adder_conv2d(x, kernel, 1, 1)
+    y = adder_conv2d(x, kernel, 1, 1)
     with jax.enable_x64():
         expected = adder_conv2d_reference(jnp.asarray(x, jnp.float64),
                                           jnp.asarray(kernel, jnp.float64), 1, 1)
@@ -145,7 +148,7 @@ def test_non_square_kernel_takes_the_xla_path():
 @needs_native
 def test_bad_input_gives_a_clear_error():
     with pytest.raises(ValueError, match="channels"):
-        adder_native.adder_conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 5, 4)))
+        adder_conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 5, 4)))
 
 
 @pytest.mark.parametrize("env", [{"AWN_JAX_NATIVE": "0"}, {"CXX": "/nonexistent/c++"}])

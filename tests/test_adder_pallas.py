@@ -36,6 +36,9 @@ GRID = [
     (1, 2, 7, 2, 3, (3, 1), 3, 1),    # row class 2 holds no pixels; columns 2 mod 3 alone read
     (2, 5, 7, 3, 2, (1, 3), 2, 2),    # odd rows read by no tap
 ]
+# This file tests the Pallas implementation, interpreted on CPU unless told otherwise.
+pallas_conv2d = functools.partial(adder.adder_conv2d, implementation="pallas")
+
 SMALL = adder_pallas.Tiles(pixels=16, channels=4, accumulator=128, warps=1)
 TILES = [adder_pallas.Tiles(), SMALL, adder_pallas.Tiles(), SMALL, SMALL,
          adder_pallas.Tiles(), SMALL, SMALL, adder_pallas.Tiles()]
@@ -58,7 +61,7 @@ def _inputs(case, dtype, seed=0):
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
 def _pallas_value_and_grads(x, kernel, g, stride, padding, eta, tiles=adder_pallas.Tiles(),
                             interpret=True):
-    y, vjp = jax.vjp(lambda a, b: adder_pallas.adder_conv2d(
+    y, vjp = jax.vjp(lambda a, b: pallas_conv2d(
         a, b, stride, padding, eta, tiles=tiles, interpret=interpret), x, kernel)
     return (y, *vjp(g))
 
@@ -119,9 +122,9 @@ def test_backward_is_the_official_rule_not_the_true_derivative():
 def test_bad_tiles_give_a_clear_error():
     x, kernel, _, _, _ = _inputs(GRID[0], jnp.float32)
     with pytest.raises(ValueError, match="tiles.pixels must be a power of two"):
-        adder_pallas.adder_conv2d(x, kernel, tiles=adder_pallas.Tiles(pixels=48))
+        pallas_conv2d(x, kernel, tiles=adder_pallas.Tiles(pixels=48))
     with pytest.raises(ValueError, match="input_grad_tiles.warps must be a power of two"):
-        adder_pallas.adder_conv2d(x, kernel, input_grad_tiles=adder_pallas.Tiles(warps=3))
+        pallas_conv2d(x, kernel, input_grad_tiles=adder_pallas.Tiles(warps=3))
 
 
 def test_input_gradient_tiles_of_its_own():
@@ -129,7 +132,7 @@ def test_input_gradient_tiles_of_its_own():
     x, kernel, g, stride, padding = _inputs(GRID[2], jnp.float32)
 
     def value_and_grads(input_grad_tiles):
-        y, vjp = jax.vjp(lambda a, b: adder_pallas.adder_conv2d(
+        y, vjp = jax.vjp(lambda a, b: pallas_conv2d(
             a, b, stride, padding, 0.2, input_grad_tiles=input_grad_tiles, interpret=True),
             x, kernel)
         return (y, *vjp(g))
@@ -151,7 +154,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
 def test_vmap_over_kernels_of_the_gradient():
     x, kernel, g, stride, padding = _inputs(GRID[0], jnp.float32)
     grad_fn = jax.jit(jax.grad(lambda k, x: jnp.sum(
-        adder_pallas.adder_conv2d(x, k, stride, padding, interpret=True) * g)))
+        pallas_conv2d(x, k, stride, padding, interpret=True) * g)))
     stacked = jax.vmap(grad_fn, in_axes=(0, None))(jnp.stack([kernel, 2.0 * kernel]), x)
     chex.assert_trees_all_close(stacked[0], grad_fn(kernel, x), rtol=1e-5)
     chex.assert_trees_all_close(stacked[1], grad_fn(2.0 * kernel, x), rtol=1e-5)
@@ -160,14 +163,26 @@ def test_vmap_over_kernels_of_the_gradient():
 # --- dispatch -------------------------------------------------------------------------------
 
 def _fake_native(available, calls):
+    """A stand-in for the native kernel module: records its kernels' calls; its weight
+    gradient is all ones, so the op's scaling makes it all eta."""
     module = types.ModuleType("awn_jax.ops.adder_native")
     module.is_available = lambda: available
 
-    def adder_conv2d(x, kernel, stride=1, padding=1, eta=0.2):
-        calls.append((stride, padding, eta))
-        return jnp.zeros((1,))
+    def forward(x, kernel, stride, padding):
+        calls.append(("forward", stride, padding))
+        ho, wo = (adder.output_size(size, k, stride, padding)
+                  for size, k in zip(x.shape[1:3], kernel.shape[:2]))
+        return jnp.zeros((x.shape[0], ho, wo, kernel.shape[3]), x.dtype)
 
-    module.adder_conv2d = adder_conv2d
+    def input_grad(x, kernel, g, stride, padding):
+        calls.append(("input_grad", stride, padding))
+        return jnp.zeros_like(x)
+
+    def weight_grad(x, kernel, g, stride, padding):
+        calls.append(("weight_grad", stride, padding))
+        return jnp.ones_like(kernel)
+
+    module.forward, module.input_grad, module.weight_grad = forward, input_grad, weight_grad
     return module
 
 
@@ -196,8 +211,13 @@ def test_dispatch_calls_the_chosen_implementation(monkeypatch):
     x, kernel, g, stride, padding = _inputs(GRID[1], jnp.float32)
     calls = []
     monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native", _fake_native(True, calls))
-    adder.adder_conv2d(x, kernel, stride, padding, 0.5, implementation="native")
-    assert calls == [(stride, padding, 0.5)]
+    _, vjp = jax.vjp(lambda a, b: adder.adder_conv2d(a, b, stride, padding, 0.5,
+                                                     implementation="native"), x, kernel)
+    _, dw = vjp(g)
+    # The native kernels ran, with the call's stride and padding, and its eta of 0.5 scaled
+    # their weight gradient.
+    assert calls == [(name, stride, padding) for name in ("forward", "input_grad", "weight_grad")]
+    np.testing.assert_allclose(dw, 0.5, rtol=1e-6)
     monkeypatch.setitem(sys.modules, "awn_jax.ops.adder_native", None)
     with pytest.raises(RuntimeError, match="native"):
         adder.adder_conv2d(x, kernel, stride, padding, implementation="native")
@@ -239,7 +259,7 @@ def test_kernels_lower_to_triton_for_cuda(kernel_size, stride, padding, phase_cl
     x = jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32)
     kernel = jax.ShapeDtypeStruct((kernel_size, kernel_size, 32, 64), jnp.float32)
     fn = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(
-        adder_pallas.adder_conv2d(a, b, stride, padding, interpret=False)), argnums=(0, 1)))
+        pallas_conv2d(a, b, stride, padding, interpret=False)), argnums=(0, 1)))
     text = fn.trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text()
     targets = re.findall(r"custom_call @(\S+)", text)
     assert len([t for t in targets if "triton" in t]) == 1 + phase_classes

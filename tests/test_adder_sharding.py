@@ -1,5 +1,5 @@
 """Every adder implementation under a data-parallel mesh (``jax.set_mesh``): each device runs
-its own batch shard (``adder._per_batch_shard``), values and AdderNet gradients equal the
+its own batch shard (``adder_vjp.per_batch_shard``), values and AdderNet gradients equal the
 single-device op's, and nothing gathers the batch. 8 fake CPU devices (tests/conftest.py)."""
 
 import re
@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from adder_cases import inputs
-from awn_jax.ops import adder, adder_native
+from awn_jax.ops import adder, adder_native, adder_vjp
 
 needs_devices = pytest.mark.skipif(len(jax.devices()) < 8,
                                    reason="tests/conftest.py asks for 8 CPU devices")
@@ -85,11 +85,11 @@ def test_without_a_mesh_or_an_even_split_the_op_runs_whole():
         x, kernel, g, stride, padding))
     with jax.set_mesh(_mesh(8)):
         odd = x[:12]  # 12 images do not split over 8 devices
-        assert adder._batch_axes(odd.shape[0]) == ()
+        assert adder_vjp.batch_axes(odd.shape[0]) == ()
         chex.assert_trees_all_close(run(odd, kernel, g[:12], stride, padding),
                                     _value_and_grads("xla")(odd, kernel, g[:12], stride, padding))
     with jax.set_mesh(_mesh(1)):
-        assert adder._batch_axes(16) == ()
+        assert adder_vjp.batch_axes(16) == ()
 
 
 @needs_devices

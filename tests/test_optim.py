@@ -71,7 +71,33 @@ def test_warmup_then_cosine_step():
                      warmup_epochs=1.0)
     schedule = optim.learning_rate_schedule(config, steps_per_epoch=4)
     np.testing.assert_allclose([schedule(s) for s in range(4)], [0.25, 0.5, 0.75, 1.0])
-    np.testing.assert_allclose(schedule(6), 0.5 * (1 + math.cos(math.pi * 6 / 8)), rtol=1e-6)
+    # The cosine spans the 4 steps after the warmup, starting from the full rate.
+    np.testing.assert_allclose(schedule(6), 0.5 * (1 + math.cos(math.pi * 2 / 4)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("lr_schedule", optim.LR_SCHEDULES)
+def test_warmup_ends_without_a_jump(lr_schedule):
+    """A 2-of-10-epoch warmup reaches the full rate at its last step and the decay starts
+    there (the hand-written schedule jumped 0.1 -> 0.0905 at that point)."""
+    config = _config(num_epochs=10, learning_rate=0.1, lr_schedule=lr_schedule,
+                     warmup_epochs=2.0)
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=5)
+    rates = np.array([schedule(step) for step in range(50)])
+    np.testing.assert_allclose(rates[9], 0.1, rtol=1e-6)    # the warmup's last step
+    np.testing.assert_allclose(rates[10], 0.1, rtol=1e-6)   # the decay's first
+    assert np.all(np.diff(rates[:10]) > 0) and np.all(np.diff(rates[10:]) <= 1e-9)
+    if lr_schedule == "cosine-epoch":
+        # Floored to epochs counted from the warmup's end: 8 epochs of cosine.
+        for epoch in range(8):
+            expected = 0.05 * (1 + math.cos(math.pi * epoch / 8))
+            np.testing.assert_allclose(rates[10 + 5 * epoch:15 + 5 * epoch], expected,
+                                       rtol=1e-5)
+
+
+def test_warmup_as_long_as_the_run_is_an_error():
+    config = _config(num_epochs=2, lr_schedule="cosine-step", warmup_epochs=2.0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        optim.learning_rate_schedule(config, steps_per_epoch=4)
 
 
 def test_unknown_schedule_is_an_error():

@@ -13,7 +13,7 @@ import pytest
 
 from awn_jax import data
 from awn_jax.distributed import make_mesh
-from awn_jax.ops import adder
+from awn_jax.ops import adder_vjp
 from awn_jax.training import Trainer, checkpointing, train_and_evaluate
 from awn_jax.training import loop as train_module
 from awn_jax.training.metrics import read_metrics
@@ -88,13 +88,13 @@ def test_eight_devices_give_the_loss_of_one(monkeypatch):
     dataset = data.get_dataset(config)
     batch = next(dataset.train_batches(0, config.batch_size))
     splits = []  # how the adder layers split the batch, seen while tracing
-    batch_axes = adder._batch_axes
+    batch_axes = adder_vjp.batch_axes
 
     def recorded_batch_axes(batch_size):
         splits.append(batch_axes(batch_size))
         return splits[-1]
 
-    monkeypatch.setattr(adder, "_batch_axes", recorded_batch_axes)
+    monkeypatch.setattr(adder_vjp, "batch_axes", recorded_batch_axes)
     results = []
     for devices in (1, 8):
         trainer = Trainer(config, dataset, make_mesh(devices))

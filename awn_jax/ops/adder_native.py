@@ -1,12 +1,14 @@
-"""Adder convolution on CPU through native C++ kernels (``native/adder_kernels.cc``, XLA FFI).
+"""The adder op's kernels on CPU as native C++ (``native/adder_kernels.cc``, XLA FFI):
+``implementation="native"`` of :func:`awn_jax.ops.adder.adder_conv2d`.
 
-Same function and gradients as :func:`awn_jax.ops.adder.adder_conv2d`: forward
-``Y = -sum |X_patch - W|``, AdderNet's HardTanh input gradient and full-precision weight
-gradient with adaptive scaling (``eta``). The forward and the input gradient, the two
-subtract-abs/clip reductions that XLA:CPU does not vectorize well, and the patch term
-``P^T g`` of the weight gradient run in register-blocked vector loops on XLA's intra-op
-thread pool (the native weight gradient measured about 3x faster than the per-tap XLA
-matrix products of ``adder._weight_grad`` on 3x3 layers, see ``bench/RESULTS.md``).
+The three kernels of :mod:`awn_jax.ops.adder_vjp`: the forward of Eq. 1,
+``Y = -sum |X_patch - W|``, the HardTanh input gradient and the full-precision weight gradient
+(its adaptive scaling is the shared op's). The forward and the input gradient, the two
+subtract-abs/clip reductions that XLA:CPU does not vectorize well, and the patch term ``P^T g``
+of the weight gradient run in register-blocked vector loops on XLA's intra-op thread pool (the
+native weight gradient measured about 3x faster than the per-tap XLA matrix products of
+``adder_xla.weight_grad`` on 3x3 layers, see ``bench/RESULTS.md``). The kernels take square
+windows only; the dispatcher sends other kernels to the XLA implementation.
 
 The C++ source is compiled on first use with the system compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; ``-O3 -march=native``) into a cache directory
@@ -16,11 +18,11 @@ never shared between machines that would need different code. Without a compiler
 the build fails, :func:`is_available` is False (the reason is logged once) and callers use
 the pure-XLA path. ``AWN_JAX_NATIVE=0`` turns the native path off.
 
-float32 and float64 run natively; other floating dtypes are computed in float32 and cast
-back, as ``adder.py`` accumulates them in float32 anyway.
+float32 and float64 run natively; other floating dtypes are computed in float32 (the
+forward's result cast back), as the XLA kernels accumulate them in float32 anyway.
 
 The FFI calls have no partitioning rule of their own; under a mesh set with
-``jax.set_mesh`` (``train.py``'s data-parallel mesh) ``adder.adder_vjp`` runs them on each
+``jax.set_mesh`` (the trainer's data-parallel mesh) ``adder_vjp.adder_op`` runs them on each
 device's shard of the batch.
 """
 
@@ -41,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from awn_jax.ops import adder
-from awn_jax.ops.adder import _check_args, output_size
+from awn_jax.ops.adder_vjp import output_size
 
 _log = logging.getLogger(__name__)
 
@@ -178,10 +179,17 @@ def _pad_axis(a, axis, multiple):
     return jnp.pad(a, widths)
 
 
-def _forward(x, kernel, stride, padding):
-    """The native forward of float32 or float64 x and kernel; cout padded to the vector
-    width."""
-    dtype = _compute_dtype(x.dtype)
+def _in_compute_dtype(*arrays):
+    """The arrays in the kernels' dtype: float64 for a float64 op, else float32."""
+    dtype = _compute_dtype(jnp.result_type(*arrays[:2]))
+    return dtype, [jnp.asarray(a, dtype) for a in arrays]
+
+
+def forward(x, kernel, stride, padding):
+    """Eq. 1, ``Y = -sum_j |P_j - W_jc|``, natively; cout padded to the vector width. The
+    result has the dtype ``result_type(x, kernel)``."""
+    out_dtype = jnp.result_type(x, kernel)
+    dtype, (x, kernel) = _in_compute_dtype(x, kernel)
     kh, kw, _, cout = kernel.shape
     n, h, w, _ = x.shape
     ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
@@ -191,12 +199,12 @@ def _forward(x, kernel, stride, padding):
         jax.ShapeDtypeStruct((n, ho, wo, kernel.shape[3]), x.dtype),
         vmap_method="sequential",
     )(x, kernel, stride=np.int64(stride), padding=np.int64(padding))
-    return out[..., :cout]
+    return out[..., :cout].astype(out_dtype)
 
 
-def _input_grad(x, kernel, g, stride, padding):
-    """The native HardTanh input gradient; cin padded to the vector width."""
-    dtype = _compute_dtype(x.dtype)
+def input_grad(x, kernel, g, stride, padding):
+    """The HardTanh rule, natively, in the compute dtype; cin padded to the vector width."""
+    dtype, (x, kernel, g) = _in_compute_dtype(x, kernel, g)
     kh, kw, cin, cout = kernel.shape
     x = _pad_axis(x, 3, _LANES[dtype])
     # (tap, cout, cin): the kernel's vector axis is cin.
@@ -210,10 +218,10 @@ def _input_grad(x, kernel, g, stride, padding):
     return dx[..., :cin]
 
 
-def _weight_grad(x, kernel, g, stride, padding):
-    """Full-precision rule ``dW = P^T g - W * sum(g)``; the native kernel computes ``P^T g``
-    (cout padded to the vector width)."""
-    dtype = _compute_dtype(x.dtype)
+def weight_grad(x, kernel, g, stride, padding):
+    """The full-precision rule ``dW = P^T g - W * sum(g)`` (unscaled), in the compute dtype;
+    the native kernel computes ``P^T g`` (cout padded to the vector width)."""
+    dtype, (x, kernel, g) = _in_compute_dtype(x, kernel, g)
     kh, kw, cin, cout = kernel.shape
     g_padded = _pad_axis(g, 3, _LANES[dtype])
     patches_t_g = jax.ffi.ffi_call(
@@ -222,24 +230,3 @@ def _weight_grad(x, kernel, g, stride, padding):
         vmap_method="sequential",
     )(x, g_padded, stride=np.int64(stride), padding=np.int64(padding))
     return patches_t_g[..., :cout] - kernel * jnp.sum(g, axis=(0, 1, 2))
-
-
-_adder_conv2d = adder.adder_vjp(_forward, _input_grad, _weight_grad)
-
-
-def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2):
-    """Adder convolution with AdderNet's gradients on the native CPU kernels.
-
-    Arguments and result as :func:`awn_jax.ops.adder.adder_conv2d` (x NHWC, kernel HWIO,
-    output dtype ``result_type(x, kernel)``). Non-square kernels take the pure-XLA path.
-    Raises ``RuntimeError`` when the kernels are not available (see :func:`is_available`).
-    """
-    _check_args(x, kernel, stride, padding)
-    eta = None if eta is None else float(eta)
-    if kernel.shape[0] != kernel.shape[1]:  # the kernels take square windows only
-        return adder._adder_conv2d(x, kernel, stride, padding, eta)
-    dtype = jnp.result_type(x, kernel)
-    compute = _compute_dtype(dtype)
-    y = _adder_conv2d(jnp.asarray(x, compute), jnp.asarray(kernel, compute), stride, padding,
-                      eta)
-    return y.astype(dtype)

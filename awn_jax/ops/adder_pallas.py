@@ -1,9 +1,10 @@
-"""Adder convolution as Pallas kernels: the GPU path (Triton lowering), also run on CPU in
+"""The adder op's kernels as Pallas kernels: ``implementation="pallas"`` of
+:func:`awn_jax.ops.adder.adder_conv2d`, the GPU path (Triton lowering), also run on CPU in
 interpret mode so it is tested there.
 
-Same op and semantics as :func:`awn_jax.ops.adder.adder_conv2d`: ``Y = -sum |P - W|``,
-AdderNet's HardTanh input gradient, the full-precision weight gradient and its adaptive
-scaling. Two kernels, both direct (no patch matrix in memory):
+The three kernels of :mod:`awn_jax.ops.adder_vjp`: the forward of Eq. 1, ``Y = -sum |P - W|``,
+AdderNet's HardTanh input gradient and the full-precision weight gradient (its adaptive
+scaling is the shared op's). Two Pallas kernels, both direct (no patch matrix in memory):
 
 * forward: a program owns a tile of output pixels x output channels. For each kernel tap
   it gathers the input rows that tap reads (zeroed where the tap falls in the padding, so
@@ -24,7 +25,8 @@ scaling. Two kernels, both direct (no patch matrix in memory):
   one class: one call over all pixels and taps, its output reshaped into ``dx``.
 
 The weight gradient, linear in the patches, is left to XLA as the kernel gradient of a
-multiplying convolution (``adder._weight_grad_by_conv``: one cuDNN call, in float32).
+multiplying convolution (:func:`weight_grad`, ``adder_xla.weight_grad_by_conv``: one cuDNN
+call, in float32).
 
 Tile sizes are :class:`Tiles`, powers of two as Triton requires. Output rows (in the input
 gradient, each phase class's) are padded to a multiple of the pixel tile (the extra rows are
@@ -48,8 +50,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from awn_jax.ops.adder import (_accumulation_dtype, _check_args, _weight_grad_by_conv,
-                               adder_vjp, output_size)
+from awn_jax.ops.adder_vjp import accumulation_dtype, output_size
+from awn_jax.ops.adder_xla import weight_grad_by_conv
 
 
 class Tiles(NamedTuple):
@@ -236,8 +238,13 @@ def _padded_taps(kernel, cin_p, cout_p):
                    ((0, 0), (0, cin_p - cin), (0, cout_p - cout)))
 
 
-def _forward(x, kernel, geo, tiles, interpret):
-    acc = _accumulation_dtype(jnp.result_type(x, kernel))
+def forward(x, kernel, stride, padding, *, tiles: Tiles = Tiles(),
+            interpret: bool | None = None):
+    """Eq. 1, ``Y = -sum_j |P_j - W_jc|``: one Pallas kernel over (pixels x cout) tiles
+    (module docstring; ``interpret`` as there)."""
+    geo = _geometry(x.shape, kernel.shape, stride, padding)
+    interpret = resolve_interpret(interpret)
+    acc = accumulation_dtype(jnp.result_type(x, kernel))
     cout_p, block_cout, cin_p, block_cin = _blocks(geo["cout"], geo["cin"], tiles)
     pixels = geo["n"] * geo["ho"] * geo["wo"]
     pixels_p = _round_up(pixels, tiles.pixels)
@@ -273,10 +280,14 @@ def _interleave(classes, h, w):
     return stacked.transpose(2, 3, 0, 4, 1, 5).reshape(n, hs * s, ws * s, c)[:, :h, :w]
 
 
-def _input_grad(x, kernel, g, geo, tiles, interpret):
-    """One kernel launch per phase class (:func:`_phases`) that some tap reads; x and g
-    are gathered from in place, only the classes' outputs are new."""
-    acc = _accumulation_dtype(jnp.result_type(x, kernel))
+def input_grad(x, kernel, g, stride, padding, *, tiles: Tiles = Tiles(),
+               interpret: bool | None = None):
+    """The HardTanh rule, ``dP_j = sum_c g_c clip(W_jc - P_j, -1, 1)`` folded back onto x:
+    one kernel launch per phase class (:func:`_phases`) that some tap reads; x and g are
+    gathered from in place, only the classes' outputs are new."""
+    geo = _geometry(x.shape, kernel.shape, stride, padding)
+    interpret = resolve_interpret(interpret)
+    acc = accumulation_dtype(jnp.result_type(x, kernel))
     cin_p, block_cin, cout_p, block_cout = _blocks(geo["cin"], geo["cout"], tiles)
     x_rows = _channels_padded(x.reshape(-1, geo["cin"]), cin_p)
     g_rows = _channels_padded(g.reshape(-1, geo["cout"]), cout_p)
@@ -310,42 +321,14 @@ def _input_grad(x, kernel, g, geo, tiles, interpret):
                        geo["h"], geo["w"])
 
 
-@functools.lru_cache(maxsize=None)
-def _op(tiles, input_grad_tiles, interpret):
-    """The custom_vjp op of one tile choice and mode (built once each): the Pallas forward
-    and input gradient, the XLA weight gradient and the scaling of ``adder.adder_vjp``."""
-    def forward(x, kernel, stride, padding):
-        geo = _geometry(x.shape, kernel.shape, stride, padding)
-        return _forward(x, kernel, geo, tiles, interpret)
-
-    def input_grad(x, kernel, g, stride, padding):
-        geo = _geometry(x.shape, kernel.shape, stride, padding)
-        return _input_grad(x, kernel, g, geo, input_grad_tiles, interpret)
-
-    return adder_vjp(forward, input_grad, _weight_grad_by_conv)
+# The full-precision weight gradient (unscaled): linear in the patches, left to XLA as a
+# multiplying convolution's kernel gradient (module docstring).
+weight_grad = weight_grad_by_conv
 
 
-def _check_tiles(tiles: Tiles, argument: str):
+def check_tiles(tiles: Tiles, argument: str):
+    """A clear error unless every size of ``tiles`` is a power of two (Triton's rule)."""
     for name, value in tiles._asdict().items():
         if value < 1 or value & (value - 1):
             raise ValueError(f"adder_pallas: {argument}.{name} must be a power of two, "
                              f"got {value}")
-
-
-def adder_conv2d(x, kernel, stride: int = 1, padding: int = 1, eta: float | None = 0.2, *,
-                 tiles: Tiles = Tiles(), input_grad_tiles: Tiles | None = None,
-                 interpret: bool | None = None):
-    """Adder convolution with AdderNet's gradients, as Pallas kernels.
-
-    Arguments and result as :func:`awn_jax.ops.adder.adder_conv2d`; ``tiles``: tile sizes
-    (:class:`Tiles`, powers of two) of the forward kernel, and of the input-gradient kernel
-    unless ``input_grad_tiles`` gives its own; ``interpret`` as in the module docstring
-    (``None``: interpreted unless the default backend is a GPU, or as
-    ``$AWN_PALLAS_INTERPRET`` says).
-    """
-    _check_args(x, kernel, stride, padding)
-    input_grad_tiles = tiles if input_grad_tiles is None else input_grad_tiles
-    _check_tiles(tiles, "tiles")
-    _check_tiles(input_grad_tiles, "input_grad_tiles")
-    return _op(tiles, input_grad_tiles, resolve_interpret(interpret))(
-        x, kernel, stride, padding, None if eta is None else float(eta))

@@ -1,10 +1,12 @@
-"""Plain, slow reference of the adder convolution and its official backward rules.
+"""Plain, slow reference of the adder convolution (the paper's Eq. 1) and its official
+backward rules (AdderNet's full-precision weight gradient, HardTanh input gradient and
+adaptive scaling; :mod:`awn_jax.ops.adder_vjp` lists them).
 
-Written as the paper states them (unfold to patches, broadcast, reduce; col2im by
-explicit accumulation) and independent of the fast path in ``adder.py``, so tests can
-compare the two in float64 (inside ``jax.enable_x64()``). Also the "naive" baseline of
-the benchmarks: ``jax.grad`` through :func:`adder_conv2d_reference` is what a direct
-port of the public unfold code costs.
+Written as the papers state them (unfold to patches, broadcast, reduce; col2im by
+explicit accumulation) and independent of the kernels (``adder_xla``, ``adder_native``,
+``adder_pallas``), so tests can compare every implementation with it in float64 (inside
+``jax.enable_x64()``). Also the "naive" baseline of the benchmarks: ``jax.grad`` through
+:func:`adder_conv2d_reference` is what a direct port of the public unfold code costs.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def fold_patches(dpatches, x_shape, kh, kw, stride, padding):
 
 
 def adder_conv2d_reference(x, kernel, stride=1, padding=1):
-    """Forward ``Y = -sum_j |P_j - W_jc|`` through the full broadcast tensor."""
+    """Eq. 1, ``Y = -sum_j |P_j - W_jc|``, through the full broadcast tensor."""
     kh, kw, cin, cout = kernel.shape
     patches = unfold_patches(x, kh, kw, stride, padding)          # (N, Ho, Wo, K)
     w2d = kernel.reshape(kh * kw * cin, cout)                       # (K, cout)
@@ -48,7 +50,9 @@ def adder_conv2d_reference(x, kernel, stride=1, padding=1):
 
 
 def adder_conv2d_reference_grads(x, kernel, g, stride=1, padding=1, eta=0.2):
-    """The official AdderNet backward: (dL/dx, dL/dW) for upstream gradient ``g``."""
+    """The official AdderNet backward: (dL/dx, dL/dW) for upstream gradient ``g``, with
+    ``dW = sum g (P - W)`` scaled to ``eta * sqrt(numel) / ||dW||`` (``eta=None``: unscaled)
+    and ``dP = sum_c g clip(W - P, -1, 1)`` folded back onto x."""
     kh, kw, cin, cout = kernel.shape
     patches = unfold_patches(x, kh, kw, stride, padding)
     w2d = kernel.reshape(kh * kw * cin, cout)
