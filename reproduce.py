@@ -1,34 +1,45 @@
 """Reproduce the paper's ResNet-20 CIFAR-10 experiments at a budget.
 
-    python reproduce.py --budget cpu --data-dir ~/awn-data/cifar10 --runs-dir ~/awn-runs
+    python reproduce.py --budget cpu --data_dir ~/awn-data/cifar10 --runs_dir ~/awn-runs
 
 trains the four runs (CNN, ANN, ANN-WS, ANN-AWN; resumed when interrupted, skipped when
-finished), then evaluates them and writes the report (see ``awn_jax.reproduce``).
+finished), evaluates them (Table 1 and 3, PGD sweeps, interpolation, distributions) and
+writes ``<runs_dir>/<budget>-<epochs>ep/report/report.{md,json}`` with its figures. A
+restarted command skips what is done. See ``awn_jax.reproduction``.
 """
 
 import dataclasses
+import sys
 
 from absl import app, flags, logging
 
-from awn_jax import cli, reproduce
+from awn_jax import cli, reproduction
 
-_BUDGET = flags.DEFINE_enum("budget", "cpu", list(reproduce.BUDGETS), "Budget of the campaign.")
-_EPOCHS = flags.DEFINE_integer("epochs", None, "Epochs of every run (default: the budget's).")
+_BUDGET = flags.DEFINE_enum("budget", "cpu", list(reproduction.BUDGETS),
+                            "Budget of the campaign (epochs and evaluation sizes).")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Epochs of every run (default: the budget's).",
+                               lower_bound=1)
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "~/awn-runs", "Where the campaign's runs go.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "CIFAR-10 image folder (<dir>/{train,test}/<class>/*.jpg); empty: TFDS.")
-_STAGES = flags.DEFINE_list("stages", ["train"], "Stages to run, in order: train.")
+_STAGES = flags.DEFINE_list("stages", list(reproduction.STAGES),
+                            f"Stages to run, of {', '.join(reproduction.STAGES)}.")
+_PARALLEL = flags.DEFINE_bool("parallel", False,
+                              "Train the four runs at once, one process each (a GPU).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    budget = reproduce.BUDGETS[_BUDGET.value]
+    budget = reproduction.BUDGETS[_BUDGET.value]
     if _EPOCHS.value is not None:
         budget = dataclasses.replace(budget, epochs=_EPOCHS.value)
-    if "train" in _STAGES.value:
-        reproduce.train_runs(budget, _RUNS_DIR.value, _DATA_DIR.value)
+    result = reproduction.run_campaign(
+        budget, _RUNS_DIR.value, _DATA_DIR.value, stages=_STAGES.value,
+        parallel=_PARALLEL.value, command=" ".join(["python", *sys.argv]))
+    if "report" in result:
+        print(result["report"])
 
 
 if __name__ == "__main__":

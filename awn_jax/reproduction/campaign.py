@@ -1,0 +1,198 @@
+"""The reproduction campaign of Tables 1 and 3 and Figs. 2-3: four ResNet-20s on CIFAR-10
+at one budget, trained, evaluated and reported.
+
+A budget fixes what every run shares (epochs, data, seed) and how much of each study is
+evaluated; the four runs (CNN, ANN, ANN-WS, ANN-AWN) differ only in ``layer_type``. Runs
+train into ``<runs_dir>/<budget>-<epochs>ep/<layer_type>``, resume from their latest
+checkpoint and are skipped once finished. Each evaluation stage writes its results to
+``report/stages/<stage>.json`` together with the epochs of the runs it saw, and is skipped
+when that file matches the finished runs; so a killed campaign restarted with the same
+command loses at most the epoch or the stage in progress.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+
+import ml_collections
+from absl import logging
+
+from awn_jax import reports
+from awn_jax.errors import UserError
+from awn_jax.training import train_and_evaluate
+from awn_jax.training.metrics import read_metrics
+from configs import cifar10_r20_ann, cifar10_r20_awn, cifar10_r20_cnn, cifar10_r20_ws
+
+# The four rows of the campaign, in training order; the CNN first, because a CNN short of
+# the accuracy expected at the budget means a problem to find before the others run.
+CONFIGS = {"conv": cifar10_r20_cnn, "adder": cifar10_r20_ann, "adder-ws": cifar10_r20_ws,
+           "adder-awn": cifar10_r20_awn}
+STAGES = ("train", "table", "sweeps", "interpolation", "distributions", "report")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What one campaign costs and how much of each study it evaluates.
+
+    Attributes:
+      name: ``cpu``, ``gpu``, or a name of one's own (tests, the notebook's small mode).
+      epochs: training epochs of every run (the cosine schedule spans exactly these).
+      test_examples: the fixed test subset of Table 1/3 (0: all 10,000).
+      attacks: Table 1's attacks; ``attack_steps`` overrides their steps (None: paper's).
+      sweep_examples, eps_values, steps_values: the PGD sweeps of Fig. 2a/2b.
+      interpolation_points, interpolation_bn_stats: Fig. 2c between epochs 1-2 and the
+        last two (``interpolate``: BN statistics interpolated; ``reestimate``: recomputed
+        on training batches).
+      feature_images: test images of the Fig. 3 feature distributions.
+      eval_batch_size: evaluation batch (the batch the "-R"/"-r" statistics come from).
+    """
+
+    name: str
+    epochs: int
+    test_examples: int = 0
+    attacks: tuple[str, ...] = ("fgsm", "bim", "pgd", "mim", "rfgsm")
+    attack_steps: int | None = None
+    sweep_examples: int = 0
+    eps_values: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 11))
+    steps_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    interpolation_points: int = 9
+    interpolation_bn_stats: tuple[str, ...] = ("interpolate", "reestimate")
+    feature_images: int = 256
+    eval_batch_size: int = 500
+
+    def describe(self) -> str:
+        """One line for every table: what the numbers were obtained at."""
+        tests = self.test_examples or "all 10,000"
+        return (f"budget `{self.name}`: {self.epochs} epochs per run on the 50,000 CIFAR-10 "
+                f"training images, batch 256, seed 0; Table 1/3 on {tests} test images, "
+                f"evaluation batches of {self.eval_batch_size}")
+
+
+BUDGETS = {
+    # 2 CPU cores: ~5 hours for 10 epochs of the four runs, ~3 hours of evaluation.
+    "cpu": Budget("cpu", epochs=10, test_examples=2000, sweep_examples=500,
+                  eps_values=(0.01, 0.03, 0.06, 0.1), steps_values=(1, 7, 20, 50)),
+    # One H200: the paper's 400 epochs when they fit, else at least 100.
+    "gpu": Budget("gpu", epochs=100, test_examples=0, sweep_examples=2000),
+}
+
+
+def run_config(layer_type: str, budget: Budget, data_dir: str = "") -> ml_collections.ConfigDict:
+    """The official recipe of ``layer_type``'s config file, at ``budget``'s epochs.
+
+    ``data_dir``: a CIFAR-10 image folder (``<dir>/{train,test}/<class>/*.jpg``); empty
+    reads TFDS ``cifar10``. Either way the images are normalized with the official
+    CIFAR-10 constants (``normalization = "cifar10"``).
+    """
+    config = CONFIGS[layer_type].get_config()
+    config.num_epochs = budget.epochs
+    config.normalization = "cifar10"
+    if data_dir:
+        config.dataset = "image_folder"
+        config.data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    return config
+
+
+def campaign_dir(runs_dir: str, budget: Budget) -> str:
+    return os.path.join(os.path.expanduser(runs_dir), f"{budget.name}-{budget.epochs}ep")
+
+
+def workdirs(runs_dir: str, budget: Budget, layer_types=tuple(CONFIGS)) -> dict[str, str]:
+    return {t: os.path.join(campaign_dir(runs_dir, budget), t) for t in layer_types}
+
+
+def _train_one(layer_type, budget, workdir, data_dir, overrides):
+    config = run_config(layer_type, budget, data_dir)
+    config.update(overrides or {})
+    config.workdir = workdir
+    train_and_evaluate(config, workdir)
+    return layer_type
+
+
+def train_runs(budget: Budget, runs_dir: str, data_dir: str = "",
+               layer_types=tuple(CONFIGS), overrides: dict | None = None,
+               parallel: bool = False) -> dict[str, str]:
+    """Train (or resume, or skip when finished) each run; returns layer_type -> workdir.
+
+    ``overrides``: config keys changed in every run (tests shrink the data with them).
+    ``parallel``: one process per run, all at once (on a GPU each takes a share of its
+    memory: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` is set for the children).
+    """
+    dirs = workdirs(runs_dir, budget, layer_types)
+    if not parallel:
+        for layer_type, workdir in dirs.items():
+            _train_one(layer_type, budget, workdir, data_dir, overrides)
+        return dirs
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(dirs):.2f}")
+    context = multiprocessing.get_context("spawn")  # fresh JAX in every child
+    with concurrent.futures.ProcessPoolExecutor(len(dirs), mp_context=context) as pool:
+        futures = [pool.submit(_train_one, t, budget, w, data_dir, overrides)
+                   for t, w in dirs.items()]
+        for future in concurrent.futures.as_completed(futures):
+            logging.warning("finished training %s", future.result())
+    return dirs
+
+
+def finished_epochs(dirs: dict[str, str], budget: Budget) -> dict[str, int]:
+    """The epochs each run has finished; an error naming the runs still short of the
+    budget (evaluation stages need every run finished)."""
+    epochs = {t: len(read_metrics(w)) for t, w in dirs.items()}
+    short = {t: e for t, e in epochs.items() if e < budget.epochs}
+    if short:
+        raise UserError(f"runs not finished at {budget.epochs} epochs: {short}; run the "
+                        "train stage first")
+    return epochs
+
+
+def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
+    """``compute()``'s result, or the one saved for the same runs by an earlier call."""
+    stages_dir = os.path.join(report_dir, "stages")
+    path = os.path.join(stages_dir, f"{stage}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("epochs") == epochs:
+            return saved["results"]
+    results = compute()
+    reports.write(stages_dir, stage, {"epochs": epochs, "results": results})
+    with open(path) as f:  # what a later call reads back: the same JSON types
+        return json.load(f)["results"]
+
+
+def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGES,
+                 overrides: dict | None = None, parallel: bool = False,
+                 command: str = "") -> dict:
+    """The whole campaign, or the ``stages`` of it asked for; returns what it computed
+    (``workdirs``, and per stage its results; ``report`` is the Markdown)."""
+    from awn_jax.reproduction import report, stages as studies  # the studies need matplotlib
+
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown stages {unknown}; expected some of {STAGES}")
+    dirs = workdirs(runs_dir, budget)
+    out = {"workdirs": dirs}
+    if "train" in stages:
+        train_runs(budget, runs_dir, data_dir, overrides=overrides, parallel=parallel)
+    evaluations = {"table": studies.table, "sweeps": studies.sweeps,
+                   "interpolation": studies.interpolation_study,
+                   "distributions": studies.distributions_study}
+    wanted = [s for s in evaluations if s in stages or "report" in stages]
+    if not wanted:
+        return out
+    epochs = finished_epochs(dirs, budget)
+    report_dir = os.path.join(campaign_dir(runs_dir, budget), "report")
+    for stage in wanted:
+        out[stage] = {}
+        for layer_type, workdir in dirs.items():
+            logging.warning("campaign %s: %s of %s", budget.name, stage, layer_type)
+            out[stage][layer_type] = cached_stage(
+                report_dir, f"{stage}-{layer_type}", {layer_type: epochs[layer_type]},
+                lambda fn=evaluations[stage], w=workdir: fn(w, budget))
+    if "report" in stages:
+        out["report"] = report.write(report_dir, budget, epochs, dirs,
+                                     {s: out[s] for s in evaluations}, command)
+    return out
