@@ -14,7 +14,8 @@ workdir):
   batch        batch dependence: accuracy vs evaluation batch size, random partitions into
                batches, attackers controlling part of each batch, transfer from tracked:
                batch.json/.md, batch_size.png
-Without --workdir, the --config file's workdir is used.
+Without --workdir, the --config file's workdir is used; --pretrained NAME evaluates a
+shipped model instead (awn_jax.pretrained; its test images from --data-dir, or TFDS).
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ import dataclasses
 from absl import flags
 from ml_collections import config_flags
 
-from awn_jax import cli, robustness
+from awn_jax import cli, pretrained, robustness
 from awn_jax.robustness import attacks, studies
 from awn_jax.training.runs import load_run
 
@@ -30,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config whose workdir to evaluate when --workdir is not given.",
     lock_config=True)
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Training workdir(s); one row block each.")
+_PRETRAINED = flags.DEFINE_multi_string(
+    "pretrained", None, "Shipped model(s) to evaluate, e.g. cifar10_r20_awn (see "
+    "awn_jax.pretrained.names()).")
 _STUDY = flags.DEFINE_string("study", "table", "table | eps-sweep | steps-sweep | batch.")
 _ATTACK = flags.DEFINE_string(
     "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
@@ -85,12 +89,16 @@ def main(argv):
         raise ValueError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
     bn_modes = robustness.check_bn_modes(
         robustness.EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
-    workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
-    if not workdirs:
-        raise ValueError("pass --workdir (or --config to use its workdir)")
-    output_dir = _OUTPUT_DIR.value or workdirs[0]
-    runs = (dataclasses.replace(load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value),
-                                eval_chunk_size=_CHUNK.value) for w in workdirs)
+    if _PRETRAINED.value:
+        output_dir = _OUTPUT_DIR.value or "."
+        loaded = (pretrained.load(name, data_dir=_DATA_DIR.value) for name in _PRETRAINED.value)
+    else:
+        workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
+        if not workdirs:
+            raise ValueError("pass --workdir or --pretrained (or --config to use its workdir)")
+        output_dir = _OUTPUT_DIR.value or workdirs[0]
+        loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
+    runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value) for run in loaded)
 
     if _STUDY.value == "table":
         names = PAPER_ATTACKS if attack == "all" else (attack,)

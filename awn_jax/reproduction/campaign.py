@@ -195,4 +195,29 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     if "report" in stages:
         out["report"] = report.write(report_dir, budget, epochs, dirs,
                                      {s: out[s] for s in evaluations}, command)
+        out["pretrained"] = export_weights(os.path.join(report_dir, "pretrained"), budget,
+                                           dirs, out["table"], command)
     return out
+
+
+# The shipped name of each run: the config file it was trained from.
+SHIPPED_NAMES = {t: module.__name__.rsplit(".", 1)[-1] for t, module in CONFIGS.items()}
+
+
+def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
+                   command: str) -> dict:
+    """Each run's final weights as a shipped model (``awn_jax.pretrained``), its manifest
+    entry carrying the budget and the clean accuracy per BN mode of Table 1."""
+    from awn_jax import pretrained
+    from awn_jax.training.runs import load_run
+
+    entries = {}
+    for layer_type, workdir in dirs.items():
+        rows = table[layer_type]
+        entries[layer_type] = pretrained.export(
+            load_run(workdir), SHIPPED_NAMES[layer_type], directory,
+            budget=budget.describe(), command=command,
+            clean_accuracy={row["bn_mode"]: row["clean"] for row in rows},
+            test_examples=rows[0]["num_examples"],
+            test_images="the first N of the fixed test order (awn_jax.data: seed 2021)")
+    return entries

@@ -44,6 +44,9 @@ class Run:
     def test_set(self, num_examples: int | None = None, multiple_of: int = 1):
         """``(images, labels)``: the first ``num_examples`` (all when None) of the fixed test
         order as numpy arrays, cut to a multiple of ``multiple_of``."""
+        if self.dataset is None:
+            raise UserError(f"{self.workdir} has no test data: pass its data directory "
+                            "(data_dir=... / --data_dir)")
         total = min(num_examples or self.dataset.info.num_test, self.dataset.info.num_test)
         total -= total % multiple_of
         if total == 0:

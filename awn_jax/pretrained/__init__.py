@@ -1,0 +1,134 @@
+"""Shipped trained models: parameters and BatchNorm statistics (no optimizer state), one
+small ``.npz`` per model, with a manifest saying how each was trained and what it scores.
+
+    run = awn_jax.pretrained.load("cifar10_r20_awn")          # offline, on a fresh clone
+    run.logits_fn("running-mean")(images)                     # images NHWC in [0, 1]
+    run = awn_jax.pretrained.load("cifar10_r20_awn", data_dir="~/cifar10")  # + test data
+
+``manifest.json`` (beside the weights) holds, per model: the training config and dataset
+info, the budget, the clean accuracy per BN mode on the stated test images, the logits of
+a fixed input (checked by the tests), and the file's sha256 (checked at every load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from awn_jax import data
+from awn_jax.errors import UserError
+from awn_jax.model import build_model, named_leaves, split_model
+from awn_jax.training.runs import Run
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+MANIFEST = "manifest.json"
+# The fixed input whose logits the manifest records: uniform images from this seed.
+CHECK_SEED, CHECK_SHAPE = 0, (16, 32, 32, 3)
+CHECK_BN_MODES = ("tracked", "running-mean")
+
+
+def check_images() -> np.ndarray:
+    return np.random.default_rng(CHECK_SEED).random(CHECK_SHAPE, dtype=np.float32)
+
+
+def manifest(directory: str = WEIGHTS_DIR) -> dict:
+    """``{name: entry}`` of the models in ``directory`` (empty when none are shipped)."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def names(directory: str = WEIGHTS_DIR) -> list[str]:
+    return sorted(manifest(directory))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _info(entry) -> data.DatasetInfo:
+    return data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in entry["dataset_info"].items()})
+
+
+def _fill(template, arrays, prefix):
+    """``template``'s pytree with each leaf replaced by ``arrays[prefix + name]``."""
+    names_ = list(named_leaves(template))
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    missing = [n for n in names_ if prefix + n not in arrays]
+    if missing:
+        raise UserError(f"the weights file lacks {missing[:3]}...: not this model's weights")
+    filled = []
+    for leaf, name in zip(leaves, names_):
+        value = np.asarray(arrays[prefix + name])
+        if value.shape != np.shape(leaf):
+            raise UserError(f"{name}: shape {value.shape} in the file, {np.shape(leaf)} in "
+                            "the model")
+        filled.append(value)
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR) -> Run:
+    """The shipped model ``name`` as a :class:`Run`. ``data_dir``: a CIFAR-10 image folder
+    for its test images (``run.test_set``, evaluations); without it the run has no
+    dataset unless the model was trained on TFDS data (then TFDS provides it)."""
+    models = manifest(directory)
+    if name not in models:
+        raise UserError(f"no shipped model {name!r}; shipped: {', '.join(models) or 'none'}")
+    entry = models[name]
+    path = os.path.join(directory, entry["file"])
+    if _sha256(path) != entry["sha256"]:
+        raise UserError(f"{path} does not match its sha256 in the manifest: a damaged or "
+                        "replaced file (on a clone, `git lfs`/checkout problems)")
+    config = ml_collections.ConfigDict(entry["config"])
+    info = _info(entry)
+    graphdef, params, batch_stats = split_model(build_model(config, info))
+    with np.load(path) as arrays:
+        params = _fill(params, arrays, "params/")
+        batch_stats = _fill(batch_stats, arrays, "batch_stats/")
+    dataset = None
+    if data_dir:
+        config.data_dir = os.path.abspath(os.path.expanduser(data_dir))
+        dataset = data.dataset_for_run(config, info)
+    elif config.dataset != "image_folder":
+        dataset = data.dataset_for_run(config, info)
+    return Run(f"pretrained:{name}", config, dataset, entry["epoch"], graphdef, params,
+               batch_stats)
+
+
+def export(run: Run, name: str, directory: str, **details) -> dict:
+    """Write ``run``'s parameters and BN statistics as ``<directory>/<name>.npz`` and add
+    its entry to the manifest there (``details``: budget, accuracies, commands, ...)."""
+    os.makedirs(directory, exist_ok=True)
+    arrays = {f"params/{k}": np.asarray(v) for k, v in named_leaves(run.params).items()}
+    arrays.update({f"batch_stats/{k}": np.asarray(v)
+                   for k, v in named_leaves(run.batch_stats).items()})
+    path = os.path.join(directory, f"{name}.npz")
+    np.savez_compressed(path, **arrays)
+    images = check_images()
+    entry = {
+        "file": f"{name}.npz", "sha256": _sha256(path), "epoch": run.epoch,
+        "config": run.config.to_dict(), "dataset_info": dataclasses.asdict(run.dataset.info),
+        "check_input": {"seed": CHECK_SEED, "shape": list(CHECK_SHAPE)},
+        "check_logits": {mode: np.asarray(jax.jit(run.logits_fn(mode))(images)).tolist()
+                         for mode in CHECK_BN_MODES},
+        **details,
+    }
+    models = manifest(directory)
+    models[name] = entry
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump(models, f, indent=1, sort_keys=True)
+    return entry
+
