@@ -14,8 +14,11 @@ workdir):
   batch        batch dependence: accuracy vs evaluation batch size, random partitions into
                batches, attackers controlling part of each batch, transfer from tracked:
                batch.json/.md, batch_size.png
-Without --workdir, the --config file's workdir is used; --pretrained NAME evaluates a
-shipped model instead (awn_jax.pretrained; its test images from --data-dir, or TFDS).
+A detection workdir (trained from a configs/voc_frcnn_* config) gets its VOC mAP and
+per-class AP table instead (detection_eval.json/.md; --epoch, --data-dir, --num-examples
+and --output-dir apply). Without --workdir, the --config file's workdir is used;
+--pretrained NAME evaluates a shipped model instead (awn_jax.pretrained; its test images
+from --data-dir, or TFDS).
 """
 
 import dataclasses
@@ -24,6 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from awn_jax import cli, pretrained, robustness
+from awn_jax.detection import training as detection
 from awn_jax.robustness import attacks, studies
 from awn_jax.training.runs import load_run
 
@@ -96,6 +100,12 @@ def main(argv):
         workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
         if not workdirs:
             raise ValueError("pass --workdir or --pretrained (or --config to use its workdir)")
+        if any(detection.is_detection_workdir(w) for w in workdirs):
+            for workdir in workdirs:
+                print(detection.evaluate_workdir(
+                    workdir, epoch=_EPOCH.value, data_dir=_DATA_DIR.value,
+                    num_examples=_NUM_EXAMPLES.value, output_dir=_OUTPUT_DIR.value)["table"])
+            return
         output_dir = _OUTPUT_DIR.value or workdirs[0]
         loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
     runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value) for run in loaded)

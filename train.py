@@ -1,4 +1,5 @@
-"""Train an adder (or convolutional) ResNet: ``python train.py --config configs/cifar10_r20_awn.py``.
+"""Train an adder (or convolutional) ResNet: ``python train.py --config configs/cifar10_r20_awn.py``,
+or a detector (configs with ``task = "detection"``, e.g. configs/voc_frcnn_r18_awn.py).
 
 Any config key can be overridden, e.g. ``--config.num_epochs=1 --config.batch_size=64``;
 an unknown key is an error. ``--workdir`` defaults to the config's ``workdir``; a run
@@ -9,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from awn_jax import cli
+from awn_jax.detection import training as detection
 from awn_jax.distributed import maybe_initialize_distributed
 from awn_jax.training import train_and_evaluate
 
@@ -26,7 +28,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     maybe_initialize_distributed(_MULTIHOST.value)
     config = _CONFIG.value
-    train_and_evaluate(config, _WORKDIR.value or config.workdir)
+    train = detection.train_and_evaluate if config.get("task") == "detection" else train_and_evaluate
+    train(config, _WORKDIR.value or config.workdir)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def load(path, *overrides):
 def test_every_variant_is_covered():
     stems = {p.stem for p in CLASSIFICATION_FILES} - {"default", "smoke"}
     assert stems == set(EXPECTED) | {f"imagenet_r18_{k}" for k in ("cnn", "ann", "ws", "awn")}
-    assert {p.stem for p in DETECTION_FILES} == {"voc_frcnn_default"} | {
+    assert {p.stem for p in DETECTION_FILES} == {"voc_frcnn_default", "voc_frcnn_smoke"} | {
         f"voc_frcnn_r18_{k}" for k in DETECTION_LAYER_TYPES}
 
 
@@ -119,6 +119,14 @@ def test_unknown_or_mistyped_override_fails_loudly():
     config = load(CONFIG_DIR / "default.py")
     with pytest.raises(AttributeError):
         config.new_key = 1
+
+
+def test_detection_smoke_config_is_small():
+    config = load(CONFIG_DIR / "voc_frcnn_smoke.py")
+    assert config.task == "detection" and config.dataset == "synthetic"
+    assert config.layer_type == "adder-awn" and config.image_size <= 64
+    assert config.synthetic_num_train // config.batch_size * config.num_epochs <= 512
+    assert config.synthetic_num_test % config.eval_batch_size == 0
 
 
 def test_smoke_config_is_small():

@@ -117,8 +117,9 @@ class DetectionDataset:
                      process_count=1):
         """``(batch, truths)`` over the first ``num_examples`` test examples (all by
         default), in order. The last batch is padded to full size (``example_valid``
-        False there), so every batch has one shape; ``truths`` holds the original-image
-        ground truth of every real example of the global batch."""
+        False there), so every batch has one shape; ``truths`` holds, for every real
+        example of the global batch (they come first), its original-image ground truth
+        and ``scale_xy``."""
         local = _local_batch_size(global_batch_size, process_count)
         total = min(num_examples or self.info.num_test, self.info.num_test)
         for start in range(0, total, global_batch_size):
@@ -172,7 +173,7 @@ class DetectionDataset:
                     "scale_xy": scale_xy, "example_valid": True}
         truth = {"boxes": np.asarray(example["boxes"], np.float64),
                  "labels": np.asarray(example["labels"], np.int64),
-                 "difficult": np.asarray(example["difficult"], bool)}
+                 "difficult": np.asarray(example["difficult"], bool), "scale_xy": scale_xy}
         return prepared, truth
 
 

@@ -1,0 +1,279 @@
+"""``train_and_evaluate(config, workdir)`` for detection configs (``task = "detection"``).
+
+The classification trainer's machinery, reused: the ``data`` device mesh (the global batch
+sharded, parameters replicated, steps traced under ``jax.set_mesh`` so the adder kernels
+run per batch shard), its train state, SGD chain and learning-rate schedule, Orbax
+checkpoints with the config check, ``metrics.jsonl`` + TensorBoard, progress and the same
+stops on bad input and non-finite losses. What differs: the loss is Faster R-CNN's,
+sampling keys come from ``(seed, step)`` so a resumed run draws what the uninterrupted
+one did, the warmup is counted in iterations, and the evaluation is VOC mAP (every
+``eval_every_epochs`` and after the last epoch; the per-class table goes to
+``detection_eval.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from awn_jax import data as classification_data
+from awn_jax import optim
+from awn_jax.detection import data, evaluation
+from awn_jax.detection.detector import build_detector
+from awn_jax.distributed import make_mesh
+from awn_jax.model import split_model, with_bn_mode
+from awn_jax.nn.batchnorm import check_bn_mode
+from awn_jax.training import checkpointing
+from awn_jax.training.metrics import MetricsWriter
+from awn_jax.training.state import TrainState, bn_drift, create_train_state
+
+LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classification", "roi_box")
+
+
+def optimizer_config(config, steps_per_epoch: int):
+    """The keys ``optim`` reads, with the warmup converted from iterations to epochs."""
+    keys = ("learning_rate", "lr_schedule", "num_epochs", "momentum", "nesterov",
+            "weight_decay", "awn_lr_multiplier")
+    if config.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    return ml_collections.ConfigDict(
+        {**{k: config[k] for k in keys}, "warmup_epochs": config.warmup_steps / steps_per_epoch})
+
+
+def load_backbone(workdir: str, config):
+    """The ResNet of a classification run's latest checkpoint, to start the backbone from.
+
+    Read without its dataset: the saved config and dataset info suffice to rebuild the
+    model and restore the checkpoint.
+    """
+    saved = ml_collections.ConfigDict(checkpointing.load_config_dict(workdir))
+    for key in ("model", "layer_type"):
+        if saved[key] != config[key]:
+            raise ValueError(f"backbone_workdir {workdir} trained {key}={saved[key]!r}, but "
+                             f"this detector has {key}={config[key]!r}")
+    info_fields = checkpointing.load_dataset_info(workdir)
+    if info_fields is None:
+        raise checkpointing.CheckpointError(f"{workdir} holds no dataset_info.json")
+    info = classification_data.DatasetInfo(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in info_fields.items()})
+    graphdef, _, template = create_train_state(saved, info, steps_per_epoch=1)
+    manager = checkpointing.make_manager(workdir)
+    try:
+        state, epoch = checkpointing.restore_latest(manager, template)
+    finally:
+        manager.close()
+    if epoch == 0:
+        raise checkpointing.CheckpointError(f"backbone_workdir {workdir} holds no checkpoint")
+    return nnx.merge(graphdef, state.params, state.batch_stats)
+
+
+def create_detection_state(config, info, steps_per_epoch: int):
+    """Fresh detector (backbone from ``config.backbone_workdir`` if set), optimizer and
+    state: ``(graphdef, tx, state)``."""
+    resnet = load_backbone(config.backbone_workdir, config) if config.backbone_workdir else None
+    graphdef, params, batch_stats = split_model(build_detector(config, info, resnet))
+    tx = optim.make_optimizer(optimizer_config(config, steps_per_epoch), steps_per_epoch)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params))
+    return graphdef, tx, state
+
+
+def train_step(graphdef, tx, seed: int, state: TrainState, batch):
+    """One SGD step on a global batch (BatchNorm in ``train`` mode)."""
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def loss_fn(params, batch_stats):
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)
+        total, parts = model.losses(batch, key)
+        return total, (parts, nnx.state(model, nnx.BatchStat))
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, {"loss": loss, **parts}
+
+
+def detect_step(graphdef, params, batch_stats, batch):
+    model = nnx.merge(graphdef, params, batch_stats)
+    return model.detect(batch["image"], batch["image_hw"])
+
+
+class DetectionTrainer:
+    """The compiled steps and shardings of one detection run."""
+
+    def __init__(self, config, dataset, mesh: Mesh):
+        self.config, self.dataset, self.mesh = config, dataset, mesh
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.sharded = NamedSharding(mesh, PartitionSpec("data"))
+        num_devices = mesh.devices.size
+        for name in ("batch_size", "eval_batch_size"):
+            if config[name] % num_devices:
+                raise ValueError(f"{name} {config[name]} is not divisible by the "
+                                 f"{num_devices} devices; choose a multiple of {num_devices}")
+        if config.eval_every_epochs < 0:
+            raise ValueError(f"eval_every_epochs must be >= 0, got {config.eval_every_epochs}")
+        self.steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+        self.graphdef, tx, state = create_detection_state(config, dataset.info,
+                                                          self.steps_per_epoch)
+        self.initial_state = jax.device_put(state, self.replicated)
+        self.schedule = optim.learning_rate_schedule(
+            optimizer_config(config, self.steps_per_epoch), self.steps_per_epoch)
+        eval_graphdef = with_bn_mode(self.graphdef, state.params, state.batch_stats,
+                                     check_bn_mode(config.eval_bn_mode))
+        self.train_step = self._under_mesh(jax.jit(
+            functools.partial(train_step, self.graphdef, tx, config.seed),
+            in_shardings=(self.replicated, self.sharded),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=0))
+        self.detect_step = self._under_mesh(jax.jit(
+            functools.partial(detect_step, eval_graphdef),
+            in_shardings=(self.replicated, self.replicated, self.sharded),
+            out_shardings=self.replicated))
+
+    def _under_mesh(self, step):
+        @functools.wraps(step)
+        def run(*args):
+            with jax.set_mesh(self.mesh):
+                return step(*args)
+        return run
+
+    def global_batch(self, local_batch):
+        return {k: jax.make_array_from_process_local_data(self.sharded, v)
+                for k, v in local_batch.items()}
+
+    def train_epoch(self, state, epoch: int, progress: tqdm.tqdm):
+        """One epoch; returns the state and the epoch's mean of each loss."""
+        sums, count, pending = dict.fromkeys(("loss",) + LOSS_NAMES, 0.0), 0, []
+        batches = self.dataset.train_batches(epoch, self.config.batch_size,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+        for i, local_batch in enumerate(batches):
+            state, metrics = self.train_step(state, self.global_batch(local_batch))
+            pending.append(metrics)
+            if (i + 1) % self.config.log_every_steps == 0 or i + 1 == self.steps_per_epoch:
+                fetched = jax.device_get(pending)
+                last_step = epoch * self.steps_per_epoch + i + 1
+                for offset, m in enumerate(fetched):
+                    if not math.isfinite(float(m["loss"])):
+                        raise FloatingPointError(
+                            f"loss is {float(m['loss'])} at step "
+                            f"{last_step - len(fetched) + 1 + offset} (epoch {epoch + 1}); "
+                            "training stopped, the last good checkpoint is kept")
+                    sums = {k: sums[k] + float(m[k]) for k in sums}
+                count += len(fetched)
+                progress.update(len(fetched))
+                progress.set_postfix(epoch=epoch + 1, loss=f"{float(fetched[-1]['loss']):.3f}")
+                pending = []
+        return state, {f"train_{k}": v / count for k, v in sums.items()}
+
+    def evaluate(self, state) -> dict:
+        """VOC AP of the detector (BatchNorm in ``eval_bn_mode``) on the test split."""
+        return evaluation.evaluate(
+            lambda batch: self.detect_step(state.params, state.batch_stats, batch),
+            self.dataset, self.config.eval_batch_size, metric=self.config.ap_metric,
+            num_examples=self.config.num_test_examples, to_device=self.global_batch)
+
+
+def _due_for_evaluation(config, epoch: int) -> bool:
+    last = epoch + 1 == config.num_epochs
+    every = config.eval_every_epochs
+    return last or (every > 0 and (epoch + 1) % every == 0)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train the detection ``config`` into ``workdir`` (resuming from its latest
+    checkpoint); returns the last epoch's metrics."""
+    dataset = data.get_dataset(config)
+    trainer = DetectionTrainer(config, dataset, make_mesh(config.num_devices))
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.check_or_save_config(config, workdir)
+    checkpointing.save_dataset_info(dataset.info, workdir)
+    manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
+    state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
+    writer = MetricsWriter(workdir, start_epoch)
+    progress = tqdm.tqdm(total=config.num_epochs * trainer.steps_per_epoch,
+                         initial=start_epoch * trainer.steps_per_epoch, unit="step",
+                         disable=jax.process_index() != 0, dynamic_ncols=True)
+    if start_epoch:
+        progress.write(f"resumed from epoch {start_epoch} of {config.num_epochs} in {workdir}")
+    metrics = {}
+    previous_stats = jax.device_get(state.batch_stats)
+    try:
+        for epoch in range(start_epoch, config.num_epochs):
+            start = time.perf_counter()
+            state, losses = trainer.train_epoch(state, epoch, progress)
+            seconds = time.perf_counter() - start
+            current_stats = jax.device_get(state.batch_stats)
+            metrics = {"epoch": epoch + 1, "step": (epoch + 1) * trainer.steps_per_epoch,
+                       **losses,
+                       "learning_rate": float(trainer.schedule(
+                           (epoch + 1) * trainer.steps_per_epoch - 1)),
+                       "images_per_second": trainer.steps_per_epoch * config.batch_size / seconds,
+                       "epoch_seconds": seconds, **bn_drift(previous_stats, current_stats)}
+            previous_stats = current_stats
+            if _due_for_evaluation(config, epoch):
+                result = trainer.evaluate(state)
+                metrics["test_map"] = result["map"]
+                evaluation.write_report(result, workdir, epoch + 1)
+            writer.write(metrics)
+            checkpointing.save(manager, epoch + 1, state)
+            progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                       for k, v in metrics.items()}))
+    finally:
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return metrics
+
+
+def is_detection_workdir(workdir: str) -> bool:
+    return checkpointing.load_config_dict(workdir).get("task") == "detection"
+
+
+def evaluate_workdir(workdir: str, *, epoch: int | None = None, data_dir: str | None = None,
+                     num_examples: int | None = None, metric: str | None = None,
+                     output_dir: str | None = None) -> dict:
+    """VOC mAP of a detection run's checkpoint (the latest by default) on its test split;
+    writes ``detection_eval.{json,md}`` into ``output_dir`` (default: the workdir)."""
+    config = ml_collections.ConfigDict(checkpointing.load_config_dict(workdir))
+    if config.get("task") != "detection":
+        raise checkpointing.CheckpointError(f"{workdir} is not a detection run (its config has no "
+                         "task = 'detection')")
+    config.backbone_workdir = ""  # the checkpoint holds the trained backbone
+    if data_dir:
+        config.data_dir = data_dir
+    if num_examples is not None:
+        config.num_test_examples = num_examples
+    if metric:
+        config.ap_metric = metric
+    dataset = data.get_dataset(config)
+    trainer = DetectionTrainer(config, dataset, make_mesh(config.num_devices))
+    manager = checkpointing.make_manager(workdir)
+    try:
+        epochs = sorted(manager.all_steps())
+        if not epochs:
+            raise checkpointing.CheckpointError(f"{workdir} holds no checkpoint yet")
+        epoch = epochs[-1] if epoch is None else epoch
+        if epoch not in epochs:
+            raise checkpointing.CheckpointError(
+                f"{workdir} has no checkpoint of epoch {epoch}; saved epochs: {epochs}")
+        state = checkpointing.restore(manager, epoch, trainer.initial_state)
+    finally:
+        manager.close()
+    result = trainer.evaluate(state)
+    result["table"] = evaluation.write_report(result, output_dir or workdir, epoch)
+    return result
