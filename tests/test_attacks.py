@@ -1,6 +1,7 @@
-"""White-box L-inf attacks: constraints, closed-form optima on linear models, determinism,
-strength ordering on a small trained model, the legacy RFGSM rule, batch-dependent models,
-APGD's step-size schedule, and the registry.
+"""L-inf attacks: constraints, closed-form optima on linear models, determinism, strength
+ordering on a small trained model, the legacy RFGSM rule, batch-dependent models, APGD's
+step-size schedule, APGD-DLR's scale invariance, Square's schedule and its never touching a
+gradient, and the registry.
 
 All attack runs go through one jitted function per (attack, steps), with the model
 parameters, eps and step size as traced arguments, so the tests share compilations.
@@ -25,9 +26,14 @@ HIDDEN = 32
 # (10 * 2/255 >= 2 eps, from anywhere in the ball) and RFGSM (5 * alpha from -alpha to
 # +eps) to reach the far corner of the ball on a linear model.
 STEPS = {"fgsm": 1, "bim": 10, "pgd": 10, "mim": 10, "rfgsm": 5, "rfgsm-legacy": 5,
-         "apgd-ce": 20}
-RANDOMIZED = ["pgd", "rfgsm", "rfgsm-legacy", "apgd-ce"]
+         "apgd-ce": 20, "apgd-dlr": 20, "square": 100}
+RANDOMIZED = ["pgd", "rfgsm", "rfgsm-legacy", "apgd-ce", "apgd-dlr", "square"]
 DETERMINISTIC = ["fgsm", "bim", "mim"]
+
+
+def num_classes(name):
+    """The DLR loss needs 3 classes or more; every other attack runs on 2."""
+    return 4 if name == "apgd-dlr" else 2
 
 
 def apply(params, images):
@@ -101,9 +107,9 @@ def random_labels(seed, classes=2):
 @pytest.mark.parametrize("name", [n for n in attacks.ATTACKS if n != "rfgsm-legacy"])
 @pytest.mark.parametrize("eps", [EPS, 0.1])
 def test_output_in_eps_ball_and_unit_box(name, eps):
-    params = init_params(0, scale=3.0)
+    params = init_params(0, classes=num_classes(name), scale=3.0)
     x = boundary_images(1)
-    y = random_labels(2)
+    y = random_labels(2, num_classes(name))
     adv = run_attack(name, params, x, y, eps=eps, step_size=eps / 4)
     chex.assert_shape(adv, x.shape)
     chex.assert_type(adv, x.dtype)
@@ -146,16 +152,16 @@ def test_linear_two_class_model_reaches_closed_form_optimum(name):
 
 @pytest.mark.parametrize("name", list(attacks.ATTACKS))
 def test_same_key_same_images(name):
-    params = init_params(6)
-    x, y = mid_images(7), random_labels(8)
+    params = init_params(6, classes=num_classes(name))
+    x, y = mid_images(7), random_labels(8, num_classes(name))
     chex.assert_trees_all_equal(run_attack(name, params, x, y, key=11),
                                 run_attack(name, params, x, y, key=11))
 
 
 @pytest.mark.parametrize("name", RANDOMIZED)
 def test_different_keys_differ_for_randomized_attacks(name):
-    params = init_params(6)
-    x, y = mid_images(7), random_labels(8)
+    params = init_params(6, classes=num_classes(name))
+    x, y = mid_images(7), random_labels(8, num_classes(name))
     a = run_attack(name, params, x, y, key=11)
     b = run_attack(name, params, x, y, key=12)
     assert float(jnp.mean(a != b)) > 0.05
@@ -176,8 +182,8 @@ def test_deterministic_attacks_ignore_key(name):
 
 @pytest.mark.parametrize("name", RANDOMIZED)
 def test_randomized_attacks_require_a_key(name):
-    params = init_params(6)
-    x, y = mid_images(7), random_labels(8)
+    params = init_params(6, classes=num_classes(name))
+    x, y = mid_images(7), random_labels(8, num_classes(name))
     with pytest.raises(ValueError, match="key"):
         attacks.ATTACKS[name](functools.partial(apply, params), x, y, steps=1)
 
@@ -347,8 +353,8 @@ def test_apgd_halves_the_step_size_when_the_loss_stops_increasing():
     params = init_params(3, linear_only=True, scale=0.5)
     x, y = mid_images(4), random_labels(5)
     fn = functools.partial(apply, params)
-    run = jax.jit(lambda x, y: attacks._apgd_ce_run(fn, x, y, key=jax.random.key(1),
-                                                     eps=EPS, steps=100))
+    run = jax.jit(lambda x, y: attacks._apgd_run(fn, x, y, key=jax.random.key(1),
+                                                  eps=EPS, steps=100))
     adv, step, loss_best = run(x, y)
     np.testing.assert_allclose(step, 2 * EPS / 2 ** 8, rtol=1e-6)
     w = params["w0"]
@@ -358,18 +364,147 @@ def test_apgd_halves_the_step_size_when_the_loss_stops_increasing():
         loss_best, optax.softmax_cross_entropy_with_integer_labels(fn(adv), y), rtol=1e-5)
 
 
+# ------------------------------------------------------------------ APGD-DLR
+
+def closed_form_misclassified(w, b, x, y, eps):
+    """For logits ``((x - 0.5) / 0.25) W + b`` and x at least eps inside [0, 1]: example i
+    can be misclassified iff some class j has ``m_j - eps ||w_y - w_j||_1 / 0.25 < 0``
+    (m_j: clean logit of y minus that of j), the minimum of the margin to j over the ball."""
+    logits = ((x - 0.5) / 0.25).reshape(x.shape[0], -1) @ w + b
+    gaps = jnp.take_along_axis(logits, y[:, None], -1) - logits
+    l1 = jnp.sum(jnp.abs(w[:, y].T[:, None, :] - w.T[None]), -1) / 0.25
+    best = jnp.where(jax.nn.one_hot(y, w.shape[1]) > 0, jnp.inf, gaps - eps * l1)
+    return np.asarray(jnp.min(best, -1) < 0)
+
+
+def linear_problem(seed, classes, far_bias=None):
+    """A linear model, mid-range images and their clean predictions as labels (so every
+    example starts correct). ``far_bias``: biases that put classes 2.. far below 0 and 1."""
+    r = rng(seed)
+    w = jnp.asarray(0.5 * r.normal(size=(DIM, classes)) / DIM ** 0.5, jnp.float32)
+    b = np.zeros(classes) if far_bias is None else np.r_[0.0, 0.0, far_bias]
+    b = jnp.asarray(b, jnp.float32)
+    x = mid_images(seed + 10)
+    y = jnp.argmax(((x - 0.5) / 0.25).reshape(x.shape[0], -1) @ w + b, -1)
+    return w, b, x, y
+
+
+def linear_attack(name, w, b, x, y, eps, scale=1.0):
+    def logits_fn(z):
+        return scale * (((z - 0.5) / 0.25).reshape(z.shape[0], -1) @ w + b)
+    adv = jax.jit(lambda x, y: attacks.attack(name, logits_fn, x, y, key=jax.random.key(0),
+                                              eps=eps, steps=100))(x, y)
+    return np.asarray(jnp.argmax(logits_fn(adv), -1) != y)
+
+
+@pytest.mark.parametrize("eps", [2 / 255, 4 / 255, 8 / 255])
+def test_apgd_dlr_finds_the_closed_form_misclassifications_on_a_linear_model(eps):
+    """Two classes compete, two more lie far below (they set DLR's denominator). APGD-DLR
+    misclassifies exactly the examples whose closed-form optimum is misclassified, also
+    when the logits are multiplied by 1e4, where the cross-entropy's gradient underflows
+    to zero and APGD-CE stays at its random start."""
+    w, b, x, y = linear_problem(2, 4, far_bias=[-5.0, -6.0])
+    expected = closed_form_misclassified(w, b, x, y, eps)
+    assert 0 < expected.sum() < len(expected)
+    np.testing.assert_array_equal(linear_attack("apgd-dlr", w, b, x, y, eps), expected)
+    np.testing.assert_array_equal(linear_attack("apgd-dlr", w, b, x, y, eps, scale=1e4),
+                                  expected)
+    assert linear_attack("apgd-ce", w, b, x, y, eps, scale=1e4).sum() < expected.sum() / 2
+
+
+def test_apgd_dlr_misclassifies_only_what_the_ball_allows():
+    """Five competing classes: every example APGD-DLR misclassifies can be misclassified
+    within the ball, and it finds most of them (an untargeted DLR step can pursue another
+    class than the one that would succeed, so not always all)."""
+    w, b, x, y = linear_problem(2, 5)
+    expected = closed_form_misclassified(w, b, x, y, 4 / 255)
+    found = linear_attack("apgd-dlr", w, b, x, y, 4 / 255)
+    assert not np.any(found & ~expected)
+    assert found.sum() >= 0.9 * expected.sum() > 20
+
+
+def test_dlr_loss_is_invariant_to_shifting_and_scaling_the_logits():
+    logits = jnp.asarray(rng(0).normal(size=(16, 10)), jnp.float32)
+    labels = jnp.asarray(rng(1).integers(0, 10, 16), jnp.int32)
+    loss = attacks._dlr(logits, labels)
+    np.testing.assert_allclose(attacks._dlr(7.0 * logits - 3.0, labels), loss, rtol=1e-5)
+    top = jnp.sort(logits, -1)[:, ::-1]
+    true = logits[jnp.arange(16), labels]
+    other = jnp.where(true == top[:, 0], top[:, 1], top[:, 0])
+    np.testing.assert_allclose(loss, -(true - other) / (top[:, 0] - top[:, 2]), rtol=1e-6)
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        attacks._dlr(logits[:, :2], labels % 2)
+
+
+# ------------------------------------------------------------------ Square
+
+def test_square_schedule_halves_the_window_area():
+    # 10,000 queries: p = 0.8 until iteration 10, then halved at 50, 200, ...: on a 32x32
+    # image sides round(sqrt(0.8 * 1024)) = 29, then 20, 14, 10, 7, 5, 4, 3, 2, 1.
+    sides = attacks.square_sides(10001, 32, 32)
+    assert len(sides) == 10000
+    assert [sides[i] for i in (0, 10, 11, 51, 201, 501, 1001, 2001, 4001, 6001, 8001)] == [
+        29, 29, 20, 14, 10, 7, 5, 4, 3, 2, 1]
+    # Rescaled to a smaller budget: the same sequence of sides, compressed.
+    small = attacks.square_sides(1001, 32, 32)
+    assert small[0] == 29 and small[-1] == 1 and small == sorted(small, reverse=True)
+    assert attacks.square_sides(1, 32, 32) == []
+
+
+def without_gradient(fn):
+    """``fn`` whose derivative raises: any jvp, vjp or grad of it fails."""
+    @jax.custom_jvp
+    def guarded(x):
+        return fn(x)
+
+    @guarded.defjvp
+    def _(primals, tangents):
+        raise AssertionError("the model was differentiated")
+
+    return guarded
+
+
+def test_square_lowers_accuracy_without_differentiating_the_model(xor_problem):
+    params, x, y = xor_problem
+    logits_fn = without_gradient(functools.partial(apply, params))
+    with pytest.raises(AssertionError, match="differentiated"):    # the guard works
+        jax.grad(lambda z: logits_fn(z).sum())(x)
+    adv = jax.jit(lambda x, y: attacks.square(logits_fn, x, y, key=jax.random.key(0),
+                                              eps=0.05, steps=300))(x, y)
+    assert float(jnp.max(jnp.abs(adv - x))) <= 0.05 + 1e-6
+    clean = accuracy(params, x, y)
+    assert accuracy(params, adv, y) <= clean - 0.5, (clean, accuracy(params, adv, y))
+
+
+def test_square_only_keeps_changes_that_lower_the_margin(xor_problem):
+    """On a per-example model 20 more queries never raise an example's margin above that
+    of the striped start (one query: the same key draws the same start), and lower many."""
+    params, x, y = xor_problem
+    fn = functools.partial(apply, params)
+
+    def run(queries):
+        return jax.jit(lambda x, y: attacks.square(fn, x, y, key=jax.random.key(3),
+                                                   eps=0.03, steps=queries))(x, y)
+
+    start, adv = run(1), run(21)
+    assert bool(jnp.all(margins(fn(adv), y) <= margins(fn(start), y) + 1e-6))
+    assert float(jnp.mean(margins(fn(adv), y) < margins(fn(start), y) - 1e-6)) > 0.3
+
+
 # ------------------------------------------------------------------ registry
 
 def test_registry_names_and_defaults():
     assert set(attacks.ATTACKS) == {"fgsm", "bim", "pgd", "mim", "rfgsm", "rfgsm-legacy",
-                                    "apgd-ce"}
+                                    "apgd-ce", "apgd-dlr", "square"}
     expected_steps = {"fgsm": 1, "bim": 7, "pgd": 7, "mim": 5, "rfgsm": 5,
-                      "rfgsm-legacy": 5, "apgd-ce": 100}
+                      "rfgsm-legacy": 5, "apgd-ce": 100, "apgd-dlr": 100, "square": 5000}
     for name, steps in expected_steps.items():
         settings = attacks.default_settings(name)
         assert settings["eps"] == pytest.approx(8 / 255)
         assert settings["steps"] == steps
-        if name not in ("fgsm", "apgd-ce"):
+        if name in ("fgsm", "apgd-ce", "apgd-dlr", "square"):
+            assert settings["step_size"] is None
+        else:
             assert settings["step_size"] == pytest.approx(2 / 255)
 
 

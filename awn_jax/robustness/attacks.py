@@ -1,4 +1,5 @@
-"""White-box L-inf attacks as pure JAX functions of a ``logits_fn``.
+"""L-inf attacks as pure JAX functions of a ``logits_fn``: white-box gradient attacks and
+one score-based attack that never differentiates the model (``square``).
 
 Every attack has the signature::
 
@@ -8,8 +9,9 @@ and returns adversarial images of the shape and dtype of ``images``.
 
 * ``logits_fn(images) -> logits``: images NHWC (any shape with a leading batch axis
   works) in [0, 1]; normalization lives inside the model. ``labels``: integer classes.
-* Loss: softmax cross-entropy averaged over the batch; the gradient taken is that of the
-  **batch mean**. Every attack here is invariant to a positive rescaling of the whole
+* Loss: softmax cross-entropy averaged over the batch (``apgd-dlr``: the DLR loss;
+  ``square``: the margin, no gradient); the gradient taken is that of the
+  **batch mean**. Every gradient attack here is invariant to a positive rescaling of the whole
   gradient (sign steps, or MIM's per-example normalization), so mean vs. sum (what
   AutoAttack uses) gives the same adversarial images.
 * Batch-dependent models: the gradient is that of the batch loss with respect to the
@@ -24,7 +26,8 @@ and returns adversarial images of the shape and dtype of ``images``.
   result lies in both sets). The one deliberate exception is ``rfgsm-legacy``, which
   reproduces an older library definition that only clips to [0, 1] (see its docstring).
 * Randomness only through ``key`` (``fgsm``, ``bim`` and ``mim`` ignore it and accept
-  ``None``; ``pgd``, ``rfgsm``, ``rfgsm-legacy`` and ``apgd-ce`` require it).
+  ``None``; ``pgd``, ``rfgsm``, ``rfgsm-legacy``, ``apgd-ce``, ``apgd-dlr`` and ``square``
+  require it).
 * Compilation: the functions are traceable; wrap the call in ``jax.jit`` with
   ``logits_fn`` closed over (``awn_jax.robustness`` does). ``steps`` must be a Python int
   (it is static: it fixes the loop length and APGD's checkpoint schedule); ``eps`` and
@@ -74,6 +77,24 @@ def _per_example_losses(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array):
     logits = logits_fn(x)
     losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), labels)
+    return jnp.mean(losses), (losses, logits)
+
+
+def _dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6), per example:
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z_pi1 >= z_pi2 >= ...``
+    the sorted logits. Invariant to shifting and positively rescaling the logits, so a
+    model cannot hide behind large or tiny logits; needs at least 3 classes."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[-1]}")
+    top = jnp.sort(logits, axis=-1)[..., ::-1]
+    return -_margin(logits, labels) / (top[..., 0] - top[..., 2] + 1e-12)
+
+
+def _per_example_dlr(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array):
+    logits = logits_fn(x)
+    losses = _dlr(logits, labels)
     return jnp.mean(losses), (losses, logits)
 
 
@@ -278,7 +299,7 @@ def rfgsm_legacy(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_E
     return jax.lax.fori_loop(0, steps, body, x_start)
 
 
-# ----------------------------------------------------------------------------- APGD-CE
+# ----------------------------------------------------------------------------- APGD
 
 def apgd_checkpoints(n_iter: int) -> list[tuple[int, int]]:
     """APGD's checkpoints for ``n_iter`` iterations: ``(iterations done, window length)``.
@@ -301,14 +322,19 @@ def apgd_checkpoints(n_iter: int) -> list[tuple[int, int]]:
     return checks
 
 
-def _apgd_ce_run(logits_fn: LogitsFn, images, labels, *, key, eps, steps, rho=0.75,
-                 momentum=0.75):
-    """APGD-CE; returns ``(best adversarial images, final per-example step sizes,
-    best per-example loss)``. See ``apgd_ce``."""
+_APGD_LOSSES = {"ce": _per_example_losses, "dlr": _per_example_dlr}
+
+
+def _apgd_run(logits_fn: LogitsFn, images, labels, *, key, eps, steps, loss="ce", rho=0.75,
+              momentum=0.75):
+    """APGD with ``loss`` ('ce' or 'dlr'); returns ``(best adversarial images, final
+    per-example step sizes, best per-example loss)``. See ``apgd_ce``."""
+    name = f"apgd-{loss}"
+    per_example_losses = _APGD_LOSSES[loss]
     x, labels = _check_inputs(images, labels)
     n_iter = _check_steps(steps)
     if n_iter < 1:
-        raise ValueError("apgd-ce needs steps >= 1")
+        raise ValueError(f"{name} needs steps >= 1")
     batch = x.shape[0]
     reduce_axes = tuple(range(1, x.ndim))
 
@@ -322,11 +348,11 @@ def _apgd_ce_run(logits_fn: LogitsFn, images, labels, *, key, eps, steps, rho=0.
 
     def evaluate(z):
         (_, (losses, logits)), grad = jax.value_and_grad(
-            _per_example_losses, argnums=1, has_aux=True)(logits_fn, z, labels)
+            per_example_losses, argnums=1, has_aux=True)(logits_fn, z, labels)
         return losses, _margin(logits, labels), grad
 
     # Start: x + eps * t / max|t|, t ~ U(-1, 1)^d (largest coordinate exactly eps), in [0, 1].
-    t = jax.random.uniform(_require_key(key, "apgd-ce"), x.shape, x.dtype, -1.0, 1.0)
+    t = jax.random.uniform(_require_key(key, name), x.shape, x.dtype, -1.0, 1.0)
     t_max = jnp.max(jnp.abs(t), axis=reduce_axes, keepdims=True)
     x_adv = jnp.clip(x + eps * t / (t_max + 1e-12), 0.0, 1.0)
     losses, margin, grad = evaluate(x_adv)
@@ -422,8 +448,104 @@ def apgd_ce(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_EPS,
     ``key`` is required.
     """
     del step_size
-    x_ret, _, _ = _apgd_ce_run(logits_fn, images, labels, key=key, eps=eps, steps=steps)
+    x_ret, _, _ = _apgd_run(logits_fn, images, labels, key=key, eps=eps, steps=steps)
     return x_ret
+
+
+def apgd_dlr(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_EPS,
+             step_size=None, steps: int = 100) -> jax.Array:
+    """APGD-DLR (Croce & Hein, ICML 2020): ``apgd_ce``'s algorithm, start, schedule and
+    returned point, maximizing the untargeted Difference of Logits Ratio loss ``_dlr``
+    instead of the cross-entropy (AutoAttack's ``APGDAttack(loss='dlr')``). The DLR loss
+    is unchanged when the logits are shifted or rescaled, so it is not misled by the
+    scale of a model's logits (which BatchNorm with batch statistics changes with the
+    batch). The targeted variant (APGD-T) is not implemented. Needs >= 3 classes;
+    ``step_size`` is ignored; ``key`` is required.
+    """
+    del step_size
+    x_ret, _, _ = _apgd_run(logits_fn, images, labels, key=key, eps=eps, steps=steps,
+                            loss="dlr")
+    return x_ret
+
+
+# ----------------------------------------------------------------------------- Square
+
+def square_sides(queries: int, height: int, width: int, p_init: float = 0.8) -> list[int]:
+    """Side of the square that each of the ``queries - 1`` iterations after the first query
+    changes: ``max(round(sqrt(p * height * width)), 1)``, at most ``min(height, width)``,
+    with Andriushchenko et al.'s schedule of the changed fraction ``p``: ``p_init`` halved
+    after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of 10,000, the
+    schedule rescaled to the actual number of iterations (as AutoAttack does)."""
+    n_iter = _check_steps(queries) - 1
+    halvings = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+    sides = []
+    for i in range(n_iter):
+        progress = int(i / n_iter * 10000)
+        p = p_init / 2 ** sum(progress > h for h in halvings)
+        sides.append(min(max(round((p * height * width) ** 0.5), 1), height, width))
+    return sides
+
+
+def square(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_EPS,
+           step_size=None, steps: int = 5000, p_init: float = 0.8) -> jax.Array:
+    """Square Attack, L-inf, untargeted (Andriushchenko et al., "Square Attack: a
+    query-efficient black-box adversarial attack via random search", ECCV 2020). Score
+    based: it reads ``logits_fn``'s outputs and never differentiates it, so a model whose
+    gradients mislead (obfuscated gradients) does not mislead it.
+
+    ``steps`` is the query budget: forward passes of the batch, the first one included.
+    Images NHWC.
+
+    * Start at vertical stripes: each column of each channel at ``x +- eps`` (random
+      sign), clipped to [0, 1]; one query gives each example's margin (true logit minus
+      the largest other).
+    * Each further query: every example not yet misclassified proposes to set a random
+      ``s x s`` window (side from ``square_sides``; position uniform over those that fit;
+      one random sign per channel) to ``x +- eps``, clipped to [0, 1]; the proposal is
+      kept where its margin is lower than the example's best.
+
+    ``p_init`` 0.8 is AutoAttack's setting for Square (fra31/auto-attack). Batch-dependent
+    models: one query scores all proposals of the batch together, and an example's
+    acceptance is judged in that batch; an example that proposed nothing gets its margin
+    re-measured (its batch mates moved), and it proposes again if it became correct.
+    Examples that proposed keep their margin from the query that accepted their change.
+    ``step_size`` is ignored; ``key`` is required.
+    """
+    del step_size
+    x, labels = _check_inputs(images, labels)
+    if x.ndim != 4:
+        raise ValueError(f"square needs NHWC images, got shape {x.shape}")
+    batch, height, width, channels = x.shape
+    if _check_steps(steps) < 1:
+        raise ValueError("square needs a budget (steps) of at least 1 query")
+    sides = jnp.asarray(square_sides(steps, height, width, p_init), jnp.int32)
+    key_start, key_loop = jax.random.split(_require_key(key, "square"))
+    stripes = jax.random.rademacher(key_start, (batch, 1, width, channels), x.dtype)
+    x_adv = jnp.clip(x + eps * stripes, 0.0, 1.0)
+    margin = _margin(logits_fn(x_adv), labels)
+    rows, cols = jnp.arange(height), jnp.arange(width)
+
+    def body(i, carry):
+        x_adv, margin = carry
+        key_row, key_col, key_sign = jax.random.split(jax.random.fold_in(key_loop, i), 3)
+        side = sides[i]
+        top = jax.random.randint(key_row, (batch, 1), 0, height - side + 1)
+        left = jax.random.randint(key_col, (batch, 1), 0, width - side + 1)
+        in_rows = (rows >= top) & (rows < top + side)                  # (batch, height)
+        in_cols = (cols >= left) & (cols < left + side)                # (batch, width)
+        active = margin > 0
+        window = (in_rows[:, :, None, None] & in_cols[:, None, :, None]
+                  & _per_example(active, x))
+        signs = jax.random.rademacher(key_sign, (batch, 1, 1, channels), x.dtype)
+        proposal = jnp.where(window, jnp.clip(x + eps * signs, 0.0, 1.0), x_adv)
+        new_margin = _margin(logits_fn(proposal), labels)
+        accept = active & (new_margin < margin)
+        x_adv = jnp.where(_per_example(accept, x), proposal, x_adv)
+        return x_adv, jnp.where(accept | ~active, new_margin, margin)
+
+    if sides.shape[0]:
+        x_adv, _ = jax.lax.fori_loop(0, sides.shape[0], body, (x_adv, margin))
+    return x_adv
 
 
 # ----------------------------------------------------------------------------- registry
@@ -436,10 +558,14 @@ ATTACKS: dict[str, Callable[..., jax.Array]] = {
     "rfgsm": rfgsm,
     "rfgsm-legacy": rfgsm_legacy,
     "apgd-ce": apgd_ce,
+    "apgd-dlr": apgd_dlr,
+    "square": square,
 }
 
+# For square, "steps" is the query budget.
 _DEFAULT_STEPS = {"fgsm": 1, "bim": 7, "pgd": 7, "mim": 5, "rfgsm": 5, "rfgsm-legacy": 5,
-                  "apgd-ce": 100}
+                  "apgd-ce": 100, "apgd-dlr": 100, "square": 5000}
+_NO_STEP_SIZE = ("fgsm", "apgd-ce", "apgd-dlr", "square")
 
 
 def check_attack_name(name: str) -> str:
@@ -451,10 +577,11 @@ def check_attack_name(name: str) -> str:
 
 def default_settings(name: str) -> dict:
     """The AWN paper's settings (Sec. 5.1): eps 8/255, step 2/255; FGSM 1 step, BIM and PGD
-    7, MIM and RFGSM 5. APGD-CE: AutoAttack's 100 iterations, no step size
-    (``step_size`` None: unused, as for FGSM whose step is eps)."""
+    7, MIM and RFGSM 5. APGD-CE and APGD-DLR: AutoAttack's 100 iterations; Square:
+    AutoAttack's 5,000 queries. These four take no step size (``step_size`` None: unused,
+    as for FGSM whose step is eps)."""
     check_attack_name(name)
-    step_size = None if name in ("fgsm", "apgd-ce") else DEFAULT_STEP_SIZE
+    step_size = None if name in _NO_STEP_SIZE else DEFAULT_STEP_SIZE
     return {"eps": DEFAULT_EPS, "step_size": step_size, "steps": _DEFAULT_STEPS[name]}
 
 
