@@ -14,7 +14,9 @@ in training), else every device runs it whole. The numbers do not depend on the 
 
 An attack is any hashable callable ``attack(logits_fn, images, labels, key, *args)``
 returning the adversarial images; ``args`` are traced (an eps sweep compiles once).
-:class:`awn_jax.robustness.attacks.Attack` is the one the project uses.
+:class:`awn_jax.robustness.attacks.Attack` is the one the project uses. With
+``score="mates"`` the attacker controls the first images of each batch and is scored by the
+others (the batch-mate threat model of :mod:`awn_jax.robustness.batch_attacks`).
 """
 
 from __future__ import annotations
@@ -131,14 +133,24 @@ class Evaluator:
 
     def logits(self, images, labels, *, batch_size: int, bn_mode: str,
                attack: Attack | None = None, attack_args=(), attacked: int | None = None,
-               attack_bn_mode: str | None = None, key=None, params=None,
-               batch_stats=None) -> np.ndarray:
+               score: str = "attacked", attack_bn_mode: str | None = None, key=None,
+               params=None, batch_stats=None) -> np.ndarray:
         """Logits, shape ``(num_batches, k, num_classes)``: the batches are consecutive
         ``batch_size`` slices of ``images`` and ``k`` is ``attacked`` (the first ``k`` of
         each batch, the only ones attacked and scored) or the whole batch. The attack is
         crafted under ``attack_bn_mode`` (default: ``bn_mode``) with key
-        ``fold_in(key, i)`` for batch ``i`` (``key`` defaults to ``jax.random.key(0)``)."""
+        ``fold_in(key, i)`` for batch ``i`` (``key`` defaults to ``jax.random.key(0)``).
+
+        ``score="mates"``: the first ``attacked`` images are still the attacker's, but the
+        logits returned are those of the other ``batch_size - attacked`` (clean) images,
+        and the attack gets ``logits_fn(x) ->`` those logits and their labels, ``x`` being
+        the attacker's images (starting clean)."""
         check_bn_modes([bn_mode] + ([attack_bn_mode] if attack_bn_mode else []))
+        if score not in ("attacked", "mates"):
+            raise UserError(f"score must be 'attacked' or 'mates', got {score!r}")
+        if score == "mates" and not (attacked is not None and 1 <= attacked < batch_size):
+            raise UserError(f"scoring the mates needs attacked in [1, {batch_size - 1}], "
+                            f"got {attacked}")
         if jax.process_count() > 1:
             raise UserError("per-example evaluation runs on one host")
         if batch_size < 1 or len(images) % batch_size:
@@ -163,7 +175,7 @@ class Evaluator:
             # Split by examples: one batch per call, its examples over the devices.
             calls = [(i, 1) for i in range(first, first + count)] if split == "batch" else [
                 (first, count)]
-            fn = self._per_batch(bn_mode, attack, attacked, attack_bn_mode, split)
+            fn = self._per_batch(bn_mode, attack, attacked, score, attack_bn_mode, split)
             for index, size in calls:
                 rows = slice(index * batch_size, (index + size) * batch_size)
                 keys = jax.vmap(functools.partial(jax.random.fold_in, base))(
@@ -172,9 +184,9 @@ class Evaluator:
                     params, batch_stats,
                     np.asarray(images[rows]).reshape(size, batch_size, *images.shape[1:]),
                     np.asarray(labels[rows]).reshape(size, batch_size), keys, attack_args)))
-        logging.info("%d examples, batch %d, BN %s, attack %s %s, attacked %s, crafted under "
-                     "%s: %.1f s", len(images), batch_size, bn_mode, attack, attack_args,
-                     attacked, attack_bn_mode or bn_mode, time.perf_counter() - start)
+        logging.info("%d examples, batch %d, BN %s, attack %s, attacked %s, scored %s, "
+                     "crafted under %s: %.1f s", len(images), batch_size, bn_mode, attack,
+                     attacked, score, attack_bn_mode or bn_mode, time.perf_counter() - start)
         return np.concatenate(out)
 
     def predictions(self, images, labels, **kwargs) -> np.ndarray:
@@ -184,11 +196,18 @@ class Evaluator:
     def accuracy(self, images, labels, **kwargs) -> float:
         """Accuracy of :meth:`predictions` on the examples it scores."""
         predictions = self.predictions(images, labels, **kwargs)
-        scored = np.asarray(labels).reshape(-1, kwargs["batch_size"])[:, :predictions.shape[1]]
-        return float(np.mean(predictions == scored))
+        return float(np.mean(predictions == self.scored_labels(labels, **kwargs)))
 
-    def _per_batch(self, bn_mode, attack, attacked, attack_bn_mode, split):
-        key = (bn_mode, attack, attacked, attack_bn_mode, split)
+    @staticmethod
+    def scored_labels(labels, *, batch_size: int, attacked: int | None = None,
+                      score: str = "attacked", **_) -> np.ndarray:
+        """The labels of the examples :meth:`logits` scores, shaped like its predictions."""
+        batches = np.asarray(labels).reshape(-1, batch_size)
+        k = batch_size if attacked is None else attacked
+        return batches[:, k:] if score == "mates" else batches[:, :k]
+
+    def _per_batch(self, bn_mode, attack, attacked, score, attack_bn_mode, split):
+        key = (bn_mode, attack, attacked, score, attack_bn_mode, split)
         if key in self._compiled:
             return self._compiled[key]
         score_graph = self._graphdef(bn_mode)
@@ -196,14 +215,16 @@ class Evaluator:
 
         def one_batch(params, batch_stats, images, labels, key, attack_args):
             k = images.shape[0] if attacked is None else attacked
+            scored = slice(k, None) if score == "mates" else slice(0, k)
 
             def logits(graph, x):
                 # The attacker's k images replace the first k of the clean batch.
-                return apply_model(graph, params, batch_stats, images.at[:k].set(x))[0][:k]
+                return apply_model(graph, params, batch_stats,
+                                   images.at[:k].set(x))[0][scored]
 
             x = images[:k]
             if attack is not None:
-                x = attack(functools.partial(logits, attack_graph), x, labels[:k], key,
+                x = attack(functools.partial(logits, attack_graph), x, labels[scored], key,
                            *attack_args)
             return logits(score_graph, x)
 

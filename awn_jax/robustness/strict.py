@@ -1,0 +1,322 @@
+"""A strict evaluation of the batch-statistics BatchNorm modes (``running-mean``, the
+paper's "-R"; ``running``, "-r"), with ``tracked`` as the per-example control on every row.
+
+Test-time defenses that make a prediction depend on other inputs have repeatedly looked
+robust to fixed white-box attacks and then fallen to attacks designed for them (Croce et
+al., ICML 2022; Carlini et al. 2019). So, per run and BN mode, on the same first ``N``
+test images in batches of ``B``:
+
+* **checklist** (accuracy on the attacked images; each a different attack or threat
+  model, see ``CHECKS``): clean, PGD-7 (the paper's), APGD-CE, APGD-DLR, Square
+  (gradient-free), transfer from ``tracked``, EOT over unknown batch partners, and the
+  worst case: an example counts as robust only if it is correct clean and after every
+  attack row (as AutoAttack reports), so it is never above any single row.
+* **harm to batch mates** (:class:`.batch_attacks.BatchMate`): accuracy of the ``B - k``
+  clean images of each batch when the adversary perturbs the other ``k``, against ``k``.
+  Under ``tracked`` it must equal the clean accuracy exactly.
+* **controls**: clean and PGD-7 at batch size 1 (the batch modes' degenerate case),
+  in single-class batches (the batch mean is then a class mean), and on the same examples
+  in mixed batches of that size.
+
+Standard errors are binomial, ``sqrt(p (1 - p) / n)``; for the harm curve the mates of
+one batch share their attacker, so the true error there is larger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import tqdm
+
+from awn_jax import reports
+from awn_jax.errors import UserError
+from awn_jax.evaluation import check_bn_modes
+from awn_jax.robustness import attacks
+from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
+from awn_jax.robustness.studies import run_label
+
+# Checklist rows: name -> threat model (what the attacker controls and knows).
+CHECKS = {
+    "clean": "no attacker",
+    "pgd": "white box, whole batch (the paper's)",
+    "apgd-ce": "white box, whole batch",
+    "apgd-dlr": "white box, whole batch",
+    "square": "scores only (no gradient), whole batch",
+    "transfer": "crafted on tracked (per example), scored in the batch",
+    "eot": "k per batch, batch mates unknown (EOT over random partners)",
+    "worst": "per example: correct clean and after every row above",
+}
+HARM_FRACTIONS = (0.05, 0.10, 0.25)   # besides k = 1
+_KEYS = (*CHECKS, "mates")             # each evaluation's key: fold_in(seed, position)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Attack strengths. Defaults: AutoAttack's (APGD 100 iterations, Square 5,000
+    queries); EOT ``eot_attacked`` None: 10% of the batch; ``mate_sizes`` (the attacker's
+    images per batch of the harm curve) None: ``harm_sizes(batch_size)``."""
+
+    apgd_steps: int = 100
+    square_queries: int = 5000
+    transfer_attack: str = "pgd"
+    eot_attacked: int | None = None
+    eot_draws: int = 4
+    eot_steps: int = 10
+    mate_steps: int = 20
+    mate_unbounded: bool = False
+    mate_sizes: tuple[int, ...] | None = None
+    control_batch_size: int = 50
+
+
+def harm_sizes(batch_size: int) -> tuple[int, ...]:
+    """k = 1 and 5%, 10%, 25% of the batch (rounded up), without repeats."""
+    sizes = [1] + [math.ceil(f * batch_size) for f in HARM_FRACTIONS]
+    return tuple(k for k in dict.fromkeys(sizes) if k < batch_size)
+
+
+def binomial(correct) -> dict:
+    """Accuracy of a boolean array with its binomial standard error."""
+    correct = np.asarray(correct, bool).reshape(-1)
+    n = correct.size
+    p = float(correct.mean())
+    return {"accuracy": p, "correct": int(correct.sum()), "n": n,
+            "se": math.sqrt(p * (1 - p) / n)}
+
+
+def worst_case(per_example: dict) -> np.ndarray:
+    """Per example: correct in every entry of ``per_example`` (name -> boolean array)."""
+    return np.logical_and.reduce([np.asarray(v, bool) for v in per_example.values()])
+
+
+class _Study:
+    """The evaluations of one run, all through ``run.evaluator``."""
+
+    def __init__(self, run, images, labels, *, batch_size, eps, step_size, seed, budgets):
+        self.run, self.images, self.labels = run, images, labels
+        self.batch_size, self.eps, self.step_size, self.seed = batch_size, eps, step_size, seed
+        self.budgets = budgets
+
+    def key(self, name):
+        return jax.random.fold_in(jax.random.key(self.seed), _KEYS.index(name))
+
+    def correct(self, bn_mode, images=None, labels=None, batch_size=None, attack=None,
+                key_name="clean", **kwargs):
+        """Per-example correctness (flat) of the named attack or of an Attack tuple."""
+        images = self.images if images is None else images
+        labels = self.labels if labels is None else labels
+        batch_size = batch_size or self.batch_size
+        attack, args = (None, ()) if attack is None else attack
+        predictions = self.run.evaluator.predictions(
+            images, labels, batch_size=batch_size, bn_mode=bn_mode, attack=attack,
+            attack_args=args, key=self.key(key_name), **kwargs)
+        scored = self.run.evaluator.scored_labels(labels, batch_size=batch_size, **kwargs)
+        return (predictions == scored).reshape(-1)
+
+    def attack(self, name, steps=None):
+        takes_step = attacks.default_settings(name)["step_size"] is not None
+        return attacks.configured(name, eps=self.eps, steps=steps,
+                                  step_size=self.step_size if takes_step else None)
+
+    def checklist(self, mode) -> dict:
+        b = self.budgets
+        per_example = {
+            "clean": self.correct(mode),
+            "pgd": self.correct(mode, attack=self.attack("pgd"), key_name="pgd"),
+            "apgd-ce": self.correct(mode, attack=self.attack("apgd-ce", b.apgd_steps),
+                                    key_name="apgd-ce"),
+            "apgd-dlr": self.correct(mode, attack=self.attack("apgd-dlr", b.apgd_steps),
+                                     key_name="apgd-dlr"),
+            "square": self.correct(mode, attack=self.attack("square", b.square_queries),
+                                   key_name="square"),
+            # The transferred attack's own key: under tracked it is that row exactly.
+            "transfer": self.correct(mode, attack=self.attack(b.transfer_attack),
+                                     attack_bn_mode="tracked",
+                                     key_name=b.transfer_attack if b.transfer_attack in
+                                     CHECKS else "transfer"),
+            "eot": self.eot(mode),
+        }
+        per_example["worst"] = worst_case(per_example)
+        return {name: binomial(v) for name, v in per_example.items()}
+
+    def eot_attacked(self) -> int:
+        return self.budgets.eot_attacked or max(1, self.batch_size // 10)
+
+    def eot(self, mode) -> np.ndarray:
+        """Each group of ``k`` examples crafted by EOT over partners drawn from the
+        evaluated images, then scored among ``B - k`` fresh random partners."""
+        k, b, n = self.eot_attacked(), self.batch_size, len(self.labels)
+        order = np.random.default_rng([self.seed, 13]).integers(0, n, (n // k, b - k))
+        rows = np.concatenate([np.concatenate([np.arange(i * k, (i + 1) * k), partners])
+                               for i, partners in enumerate(order)])
+        attack = EOTPartners(k, self.budgets.eot_draws, self.budgets.eot_steps)
+        args = (self.eps, self.step_size, self.images)
+        logits = self.run.evaluator.logits(
+            self.images[rows], self.labels[rows], batch_size=b, bn_mode=mode, attack=attack,
+            attack_args=args, key=self.key("eot"))
+        return np.argmax(logits[:, :k], -1).reshape(-1) == self.labels
+
+    def harm(self, mode) -> list[dict]:
+        b = self.budgets
+        eps = 1.0 if b.mate_unbounded else self.eps
+        attack = (BatchMate(b.mate_steps), (eps, eps / 4))
+        rows = []
+        for k in b.mate_sizes or harm_sizes(self.batch_size):
+            common = dict(attacked=k, score="mates")
+            clean = self.correct(mode, **common)
+            attacked = self.correct(mode, attack=attack, key_name="mates", **common)
+            rows.append({"k": k, "fraction": k / self.batch_size, "clean": binomial(clean),
+                         "attacked": binomial(attacked),
+                         "flipped": int(np.sum(clean != attacked))})
+        return rows
+
+    def controls(self, mode) -> dict:
+        size = self.budgets.control_batch_size
+        single = np.concatenate([
+            idx[:len(idx) - len(idx) % size]
+            for idx in (np.flatnonzero(self.labels == c) for c in np.unique(self.labels))])
+        if not len(single):
+            raise UserError(f"no class has {size} of the {len(self.labels)} examples for "
+                            "single-class batches; lower control_batch_size")
+        mixed = np.random.default_rng([self.seed, 17]).permutation(single)
+        out = {}
+        for name, rows, batch_size in (("batch size 1", np.arange(len(self.labels)), 1),
+                                       (f"single-class batches of {size}", single, size),
+                                       (f"mixed batches of {size}", mixed, size)):
+            common = dict(images=self.images[rows], labels=self.labels[rows],
+                          batch_size=batch_size)
+            out[name] = {"clean": binomial(self.correct(mode, **common)),
+                         "pgd": binomial(self.correct(mode, attack=self.attack("pgd"),
+                                                      key_name="pgd", **common))}
+        return out
+
+
+def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attacks.DEFAULT_EPS,
+                 step_size=attacks.DEFAULT_STEP_SIZE, seed=0, budgets=Budgets(),
+                 show_progress=True) -> dict:
+    """Checklist, harm curve and controls of ``run`` under each BN mode, on the first
+    ``num_examples`` test images (cut to a multiple of the batch and of EOT's ``k``)."""
+    check_bn_modes(bn_modes)
+    attacks.check_attack_name(budgets.transfer_attack)
+    eot_k = budgets.eot_attacked or max(1, batch_size // 10)
+    for what, k in [("EOT's", eot_k)] + [("the batch-mate", k) for k in
+                                         budgets.mate_sizes or ()]:
+        if not 1 <= k < batch_size:
+            raise UserError(f"{what} attacked images per batch must be in "
+                            f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
+    images, labels = run.test_set(num_examples, multiple_of=math.lcm(batch_size, eot_k))
+    study = _Study(run, images, labels, batch_size=batch_size, eps=eps, step_size=step_size,
+                   seed=seed, budgets=budgets)
+    modes = {}
+    for mode in tqdm.tqdm(bn_modes, desc=run_label(run), unit="mode",
+                          disable=not show_progress):
+        modes[mode] = {"checks": study.checklist(mode), "harm": study.harm(mode),
+                       "controls": study.controls(mode)}
+    return {"run": run_label(run), "model": run.name, "workdir": run.workdir,
+            "epoch": run.epoch, "num_examples": len(images), "batch_size": batch_size,
+            "eps": eps, "step_size": step_size, "seed": seed,
+            "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
+                        "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))},
+            "modes": modes}
+
+
+# ------------------------------------------------------------------------------ report
+
+def _cell(stats) -> str:
+    return f"{100 * stats['accuracy']:.2f} ± {100 * stats['se']:.2f}"
+
+
+def check_labels(budgets: dict) -> dict:
+    """Row labels of the checklist with the budgets that produced them."""
+    return {"clean": "clean", "pgd": "PGD-7", "apgd-ce": f"APGD-CE ({budgets['apgd_steps']})",
+            "apgd-dlr": f"APGD-DLR ({budgets['apgd_steps']})",
+            "square": f"Square ({budgets['square_queries']} queries)",
+            "transfer": f"transfer from tracked ({budgets['transfer_attack']})",
+            "eot": (f"EOT (k={budgets['eot_attacked']}, {budgets['eot_draws']} draws, "
+                    f"{budgets['eot_steps']} steps)"),
+            "worst": "worst case"}
+
+
+def format_strict(studies) -> str:
+    """Markdown: per run, the checklist, the harm curve and the controls (accuracy % ±
+    binomial standard error), one column per BN mode."""
+    lines = []
+    for s in studies:
+        modes = list(s["modes"])
+        header = "| " + " | ".join(modes) + " |"
+        bounded = "unbounded in [0, 1]" if s["budgets"]["mate_unbounded"] else (
+            f"eps {s['eps']:.4g}")
+        lines += [f"### {s['run']} ({s['model']}, epoch {s['epoch']}): {s['num_examples']} "
+                  f"test images, batches of {s['batch_size']}, eps {s['eps']:.4g}", "",
+                  "| check | threat model " + header, "|" + "---|" * (2 + len(modes))]
+        labels = check_labels(s["budgets"])
+        for name, threat in CHECKS.items():
+            cells = [_cell(s["modes"][m]["checks"][name]) for m in modes]
+            lines.append(f"| {labels[name]} | {threat} | " + " | ".join(cells) + " |")
+        lines += ["", f"Harm to batch mates ({bounded}, {s['budgets']['mate_steps']} steps): "
+                  "accuracy of the clean mates, without -> with the attacker's k images "
+                  "perturbed (flipped: mates whose prediction changed):", "",
+                  "| k | mates " + header, "|" + "---|" * (2 + len(modes))]
+        for i, row in enumerate(s["modes"][modes[0]]["harm"]):
+            cells = []
+            for m in modes:
+                r = s["modes"][m]["harm"][i]
+                cells.append(f"{100 * r['clean']['accuracy']:.2f} -> {_cell(r['attacked'])}"
+                             f" ({r['flipped']} flipped)")
+            lines.append(f"| {row['k']} ({100 * row['fraction']:.0f}%) | "
+                         f"{row['attacked']['n']} | " + " | ".join(cells) + " |")
+        lines += ["", "Controls (clean / PGD-7):", "", "| batches | images " + header,
+                  "|" + "---|" * (2 + len(modes))]
+        for name, first in s["modes"][modes[0]]["controls"].items():
+            cells = [f"{_cell(s['modes'][m]['controls'][name]['clean'])} / "
+                     f"{_cell(s['modes'][m]['controls'][name]['pgd'])}" for m in modes]
+            lines.append(f"| {name} | {first['clean']['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def plot_strict(studies):
+    """Per run: the checklist as bars per BN mode (error bars: 1 s.e.), and the clean
+    mates' accuracy against the attacker's share of the batch."""
+    fig, axes = reports.new_figure(len(studies), 2, figsize=(12, 3.6 * len(studies)),
+                                   squeeze=False)
+    for (bars, harm), s in zip(axes, studies):
+        modes = list(s["modes"])
+        names = list(CHECKS)
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(modes):
+            checks = s["modes"][mode]["checks"]
+            xs = np.arange(len(names)) + (j - (len(modes) - 1) / 2) * width
+            bars.bar(xs, [100 * checks[n]["accuracy"] for n in names], width,
+                     yerr=[100 * checks[n]["se"] for n in names], label=mode, capsize=2)
+            rows = s["modes"][mode]["harm"]
+            harm.errorbar([0] + [100 * r["fraction"] for r in rows],
+                          [100 * checks["clean"]["accuracy"]]
+                          + [100 * r["attacked"]["accuracy"] for r in rows],
+                          yerr=[100 * checks["clean"]["se"]]
+                          + [100 * r["attacked"]["se"] for r in rows],
+                          marker="o", capsize=2, label=mode)
+        labels = check_labels(s["budgets"])
+        bars.set_xticks(np.arange(len(names)), [labels[n].split(" (")[0] for n in names],
+                        rotation=30, ha="right", fontsize=8)
+        bars.set_ylabel("accuracy (%)")
+        bars.set_title(f"{s['run']}: strict checklist ({s['num_examples']} images)")
+        harm.set_xlabel("attacker's share of the batch (%)")
+        harm.set_ylabel("clean batch mates' accuracy (%)")
+        harm.set_title(f"{s['run']}: harm to batch mates (B={s['batch_size']})")
+        for ax in (bars, harm):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_strict(studies, output_dir: str) -> str:
+    """``strict.json``, ``strict.md`` and ``strict.png`` into ``output_dir``; returns the
+    Markdown."""
+    tables = format_strict(studies)
+    reports.write(output_dir, "strict", studies, tables)
+    reports.save_figure(plot_strict(studies), output_dir, "strict", dpi=110)
+    return tables

@@ -1,0 +1,155 @@
+"""The strict evaluation of the batch modes: the batch-mate attack (harm to clean batch
+mates; none under tracked), EOT over unknown batch partners, the worst-case column and the
+study's report, on the tiny trained network of test_robustness.py."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from awn_jax.robustness import strict
+from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
+from test_robustness import TinyNet, tiny_run  # noqa: F401  (TinyNet: tiny_run's model)
+
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):  # noqa: F811
+    return dataclasses.replace(tiny_run, eval_chunk_size=64)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_run):  # noqa: F811
+    return tiny_run.test_set(64)
+
+
+def mates_logits(run, images, labels, mode, attack=None, k=8, eps=0.3):
+    return run.evaluator.logits(
+        images, labels, batch_size=BATCH, bn_mode=mode, attacked=k, score="mates",
+        attack=attack, attack_args=() if attack is None else (eps, eps / 4),
+        key=jax.random.key(1))
+
+
+def mates_accuracy(logits, labels, k=8):
+    return float(np.mean(np.argmax(logits, -1) == labels.reshape(-1, BATCH)[:, k:]))
+
+
+@pytest.mark.parametrize("eps", [0.3, 1.0])   # 1.0: the unbounded attacker
+def test_batch_mate_attack_harms_clean_mates_under_running_mean_only(run, data, eps):
+    images, labels = data
+    attack = BatchMate(steps=10)
+    clean = mates_logits(run, images, labels, "tracked")
+    attacked = mates_logits(run, images, labels, "tracked", attack, eps=eps)
+    assert clean.shape == (4, BATCH - 8, 4)
+    np.testing.assert_array_equal(attacked, clean)       # per-example: exactly no effect
+    clean = mates_accuracy(mates_logits(run, images, labels, "running-mean"), labels)
+    harmed = mates_accuracy(mates_logits(run, images, labels, "running-mean", attack,
+                                         eps=eps), labels)
+    assert harmed < clean - 0.2, (clean, harmed)
+
+
+def test_batch_mate_attack_stays_in_the_ball_and_the_box(tiny_run, data):  # noqa: F811
+    images, labels = data
+    batch, k = images[:BATCH], 4
+    model = tiny_run.logits_fn("running-mean")
+
+    def logits_fn(x):
+        return model(jnp.concatenate([x, batch[k:]]))[k:]
+
+    for eps in (0.05, 1.0):
+        adv = jax.jit(lambda x, y: BatchMate(5)(logits_fn, x, y, jax.random.key(0), eps,
+                                                eps / 4))(batch[:k], labels[k:BATCH])
+        assert float(jnp.max(jnp.abs(adv - batch[:k]))) <= eps + 1e-6
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+        assert float(jnp.max(jnp.abs(adv - batch[:k]))) > 0.5 * min(eps, 0.5)
+
+
+def test_eot_crafts_without_reading_the_partners(tiny_run, data):  # noqa: F811
+    images, labels = data
+    model = tiny_run.logits_fn("running-mean")
+    attack = EOTPartners(attacked=4, draws=3, steps=5)
+    craft = jax.jit(lambda batch, y: attack(model, batch, y, jax.random.key(0), 0.1, 0.025,
+                                            images))
+    batch = images[:BATCH]
+    other = batch.copy()
+    other[4:] = images[BATCH:2 * BATCH - 4]              # other partners, same attacked
+    first, second = craft(batch, labels[:BATCH]), craft(other, labels[:BATCH])
+    np.testing.assert_array_equal(first[4:], batch[4:])  # partners returned untouched
+    np.testing.assert_array_equal(first[:4], second[:4])  # and never read
+    assert float(jnp.max(jnp.abs(first[:4] - batch[:4]))) <= 0.1 + 1e-6
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+    assert float(jnp.max(jnp.abs(first[:4] - batch[:4]))) > 0.05
+
+
+def test_worst_case_is_the_per_example_conjunction():
+    per_example = {"a": [1, 1, 0, 1], "b": [1, 0, 1, 1], "c": [0, 1, 1, 1]}
+    worst = strict.worst_case(per_example)
+    np.testing.assert_array_equal(worst, [0, 0, 0, 1])
+    assert worst.mean() < min(np.mean(v) for v in per_example.values())   # below every one
+    assert strict.binomial(worst) == {"accuracy": 0.25, "correct": 1, "n": 4,
+                                      "se": pytest.approx((0.25 * 0.75 / 4) ** 0.5)}
+
+
+def test_harm_sizes():
+    assert strict.harm_sizes(500) == (1, 25, 50, 125)
+    assert strict.harm_sizes(16) == (1, 2, 4)
+
+
+def test_strict_study_checklist_harm_controls_and_report(tiny_run, tmp_path):  # noqa: F811
+    run = dataclasses.replace(tiny_run, eval_chunk_size=128)   # 8 batches: one per device
+    budgets = strict.Budgets(apgd_steps=10, square_queries=40, eot_attacked=4, eot_draws=2,
+                             eot_steps=4, mate_steps=5, mate_unbounded=True,
+                             mate_sizes=(1, 8), control_batch_size=8)
+    study = strict.strict_study(run, ["tracked", "running-mean"], num_examples=64,
+                                batch_size=BATCH, eps=0.1, step_size=0.025, budgets=budgets,
+                                show_progress=False)
+    assert study["num_examples"] == 64
+    for mode, result in study["modes"].items():
+        checks = result["checks"]
+        assert set(checks) == set(strict.CHECKS)
+        for name, stats in checks.items():
+            assert stats["n"] == 64, name
+            assert checks["worst"]["accuracy"] <= stats["accuracy"], (mode, name)
+        assert checks["pgd"]["accuracy"] < checks["clean"]["accuracy"] - 0.2
+        assert checks["square"]["accuracy"] < checks["clean"]["accuracy"], mode
+        assert [row["k"] for row in result["harm"]] == [1, 8]
+        assert [row["attacked"]["n"] for row in result["harm"]] == [60, 32]
+        controls = result["controls"]
+        assert controls["batch size 1"]["clean"]["n"] == 64
+        assert controls["single-class batches of 8"]["clean"]["n"] == controls[
+            "mixed batches of 8"]["clean"]["n"] > 0
+    tracked, batch_mode = study["modes"]["tracked"], study["modes"]["running-mean"]
+    # Per-example controls: crafting under tracked is the white-box attack itself (same
+    # key), batch mates are unaffected, and batch size changes nothing.
+    assert tracked["checks"]["transfer"] == tracked["checks"]["pgd"]
+    assert all(row["flipped"] == 0 and row["attacked"] == row["clean"]
+               for row in tracked["harm"])
+    assert tracked["controls"]["batch size 1"]["clean"] == tracked["checks"]["clean"]
+    # Batch mode: the mates are harmed, and at batch size 1 every image gets one class.
+    assert batch_mode["harm"][-1]["flipped"] > 0
+    assert (batch_mode["harm"][-1]["attacked"]["accuracy"]
+            < batch_mode["harm"][-1]["clean"]["accuracy"])
+    assert batch_mode["controls"]["batch size 1"]["clean"]["accuracy"] < 0.5
+
+    tables = strict.write_strict([study], str(tmp_path))
+    with open(tmp_path / "strict.json") as f:
+        assert json.load(f) == [study]
+    assert (tmp_path / "strict.md").read_text() == tables + "\n"
+    assert (tmp_path / "strict.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| worst case | per example" in tables
+    assert tables.count("| ") > 30
+
+
+def test_scoring_the_mates_needs_attacker_images_and_mates(run, data):
+    images, labels = data
+    for attacked in (None, BATCH):
+        with pytest.raises(ValueError, match=r"scoring the mates needs attacked in \[1, 15\]"):
+            run.evaluator.logits(images, labels, batch_size=BATCH, bn_mode="tracked",
+                                 attacked=attacked, score="mates")
+    with pytest.raises(ValueError, match="score must be"):
+        run.evaluator.logits(images, labels, batch_size=BATCH, bn_mode="tracked",
+                             score="others")
