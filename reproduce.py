@@ -8,12 +8,15 @@ writes ``<runs_dir>/<budget>-<epochs>ep/report/report.{md,json}`` with its figur
 restarted command skips what is done. See ``awn_jax.reproduction``.
 """
 
+import ast
 import dataclasses
 import sys
 
 from absl import app, flags, logging
 
 from awn_jax import cli, reproduction
+from awn_jax.errors import UserError
+from awn_jax.reproduction import campaign
 
 _BUDGET = flags.DEFINE_enum("budget", "cpu", list(reproduction.BUDGETS),
                             "Budget of the campaign (epochs and evaluation sizes).")
@@ -24,8 +27,27 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "CIFAR-10 image folder (<dir>/{train,test}/<class>/*.jpg); empty: TFDS.")
 _STAGES = flags.DEFINE_list("stages", list(reproduction.STAGES),
                             f"Stages to run, of {', '.join(reproduction.STAGES)}.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "KEY=VALUE: a config key of every run changed (e.g. num_train_examples=512 "
+    "for a dry run, dataset=synthetic for a test); it changes the runs' configs.")
+_TRAIN_SECONDS = flags.DEFINE_float(
+    "train_seconds", None, "Stop training at the first epoch end past this many seconds (a "
+    "machine lent for a fixed time); a later call goes on.", lower_bound=0)
+_ARCHIVE = flags.DEFINE_string(
+    "archive", "", "Also write a .tar.gz of what resuming elsewhere needs (configs, metrics, "
+    "the latest and the studies' checkpoints, the report).")
 _PARALLEL = flags.DEFINE_bool("parallel", False,
                               "Train the four runs at once, one process each (a GPU).")
+
+
+def _parse_setting(setting: str):
+    key, sep, value = setting.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set takes KEY=VALUE, got {setting!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a string
 
 
 def main(argv):
@@ -35,9 +57,15 @@ def main(argv):
     budget = reproduction.BUDGETS[_BUDGET.value]
     if _EPOCHS.value is not None:
         budget = dataclasses.replace(budget, epochs=_EPOCHS.value)
-    result = reproduction.run_campaign(
-        budget, _RUNS_DIR.value, _DATA_DIR.value, stages=_STAGES.value,
-        parallel=_PARALLEL.value, command=" ".join(["python", *sys.argv]))
+    overrides = dict(_parse_setting(setting) for setting in _SET.value)
+    try:
+        result = reproduction.run_campaign(
+            budget, _RUNS_DIR.value, _DATA_DIR.value, stages=_STAGES.value,
+            overrides=overrides, parallel=_PARALLEL.value, train_seconds=_TRAIN_SECONDS.value,
+            command=" ".join(["python", *sys.argv]))
+    finally:
+        if _ARCHIVE.value:
+            campaign.archive_runs(_RUNS_DIR.value, budget, _ARCHIVE.value)
     if "report" in result:
         print(result["report"])
 

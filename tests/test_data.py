@@ -357,3 +357,21 @@ def test_real_cifar10_jpeg_folder(tmp_path, cache_dir):
     test = _all(dataset.test_batches(1000))
     np.testing.assert_array_equal(np.bincount(test["label"]), [1000] * 10)
     _check_batch(next(dataset.train_batches(0, 256)), 256, 32, 10)
+
+
+def test_jpeg_pack_round_trips_an_image_folder(folder, tmp_path_factory, cache_dir):
+    from awn_jax.data import jpeg_pack
+
+    tmp_path = tmp_path_factory.mktemp("packed")  # `folder` is the test's own tmp_path
+    packed = str(tmp_path / "folder.jpack.npz")
+    assert jpeg_pack.pack(str(folder), packed) == 11  # 10 PNGs and big.jpg, no notes.txt
+    assert jpeg_pack.unpack(packed, str(tmp_path / "copy")) == 11
+    for path in folder.rglob("*"):
+        if path.suffix in (".png", ".jpg"):
+            assert (tmp_path / "copy" / path.relative_to(folder)).read_bytes() == path.read_bytes()
+    config = dict(dataset="image_folder", image_size=8, crop_padding=0, random_flip=False)
+    original = get_dataset(_config(data_dir=str(folder), **config))
+    copied = get_dataset(_config(data_dir=str(tmp_path / "copy"), **config))
+    chex.assert_trees_all_equal(list(original.test_batches(2)), list(copied.test_batches(2)))
+    with pytest.raises(ValueError, match="no .* images"):
+        jpeg_pack.pack(str(tmp_path / "copy" / "nothing"), packed)

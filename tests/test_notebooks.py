@@ -149,22 +149,19 @@ def test_reproduce_trains_the_four_runs(reproduce):
     for layer_type, history in reproduce["train"].items():
         assert [m["epoch"] for m in history] == [1, 2], layer_type
         assert all(np.isfinite(m["train_loss"]) for m in history), layer_type
-    # the CNN learns the synthetic classes within 2 epochs (10 classes: chance is 0.1)
-    assert reproduce["train"]["conv"][-1]["test_accuracy"] > 0.3
+    # the CNN learns the synthetic classes within 2 epochs (10 classes: chance is 0.1, and
+    # 0.18 is 3 standard errors above it on the 128 test images; with the official
+    # classifier init, U(+-1/8), it learns more slowly than with Kaiming's: 0.20 here)
+    assert reproduce["train"]["conv"][-1]["test_accuracy"] > 0.18
 
 
 @pytest.mark.slow
 def test_reproduce_table1_grid(reproduce):
-    table = reproduce["table1"]
-    assert table["attacks"] == ["pgd"]
-    rows = table["rows"]
+    rows = [{**r, "layer_type": t} for t, rs in reproduce["table"].items() for r in rs]
     assert sorted((r["layer_type"], r["bn_mode"]) for r in rows) == sorted(
         (t, m) for t in LAYER_TYPES for m in BN_MODES)
-    names = {(r["layer_type"], r["bn_mode"]): r["paper_name"] for r in rows}
-    assert names["adder-awn", "running-mean"] == "ANN-R-AWN"
-    assert names["adder-ws", "running"] == "ANN-r-WS" and names["conv", "tracked"] == "CNN"
     for r in rows:
-        assert r["num_examples"] == 128
+        assert r["num_examples"] == 128 and "fgsm" not in r  # the small budget's PGD alone
         assert 0.0 <= r["pgd"] <= 1.0 and 0.0 <= r["clean"] <= 1.0
         if r["bn_mode"] == "tracked":  # per-image logits: maximizing the loss cannot help
             assert r["pgd"] <= r["clean"], r
@@ -176,39 +173,39 @@ def test_reproduce_table1_grid(reproduce):
     assert cost["adder"] == cost["adder-ws"] == cost["adder-awn"]
     assert cost["adder"][0] == 3 * 3 * 3 * 16 * 8 * 8 + 64 * 10
     assert cost["adder"][1] == cost["adder"][0] + 2 * (cost["conv"][0] - cost["adder"][0])
-    counts = reproduce["counts_32x32"]
-    assert counts["conv"]["mul"] == pytest.approx(40.81e6, rel=1e-3)
-    assert counts["adder"]["mul"] == 3 * 3 * 3 * 16 * 32 * 32 + 64 * 10
-    # Table 3 is the WS/AWN rows under the two batch modes, taken from the same grid
-    assert sorted(r["paper_name"] for r in reproduce["table3"]) == [
-        "ANN-R-AWN", "ANN-R-WS", "ANN-r-AWN", "ANN-r-WS"]
-    assert all(r in rows for r in reproduce["table3"])
-    written = json.loads((pathlib.Path(reproduce["_workdir"]) / "robustness.json").read_text())
-    assert len(written) == 12
+    # the claims are judged on the paper's row names, Table 3's among them
+    claimed = {(c["a"], c["b"]) for c in reproduce["claims"]}
+    assert ("ANN-R-AWN", "ANN-R-WS") in claimed and ("ANN-R-AWN", "ANN-r-AWN") in claimed
+    assert all(c["verdict"] in ("holds", "does not hold", "cannot tell")
+               for c in reproduce["claims"])
+    written = json.loads((pathlib.Path(reproduce["report_dir"]) / "report.json").read_text())
+    assert written["table"] == reproduce["table"]
 
 
 @pytest.mark.slow
 def test_reproduce_sweeps(reproduce):
-    eps_rows, steps_rows = reproduce["eps_sweep"], reproduce["steps_sweep"]
-    assert [r["eps"] for r in eps_rows] == pytest.approx([0.01, 0.05, 0.1])
-    assert all(r["step_size"] == pytest.approx(r["eps"] / 7) for r in eps_rows)
-    assert [r["steps"] for r in steps_rows] == [1, 2]
-    for r in eps_rows + steps_rows:
-        assert r["run"] == "adder-awn" and r["bn_mode"] == "running-mean"
-        assert 0.0 <= r["accuracy"] <= 1.0
-    # the sweeps' clean accuracy is the Table-1 row's: same model, images, batch and mode
-    table = {(r["layer_type"], r["bn_mode"]): r for r in reproduce["table1"]["rows"]}
-    assert eps_rows[0]["clean"] == pytest.approx(table["adder-awn", "running-mean"]["clean"])
+    for layer_type, sweeps in reproduce["sweeps"].items():
+        eps_rows, steps_rows = sweeps["eps"], sweeps["steps"]
+        assert [r["eps"] for r in eps_rows] == pytest.approx([0.01, 0.05, 0.1])
+        assert all(r["step_size"] == pytest.approx(r["eps"] / 7) for r in eps_rows)
+        assert [r["steps"] for r in steps_rows] == [1, 2]
+        for r in eps_rows + steps_rows:
+            assert r["run"] == layer_type and r["bn_mode"] == "running-mean"
+            assert 0.0 <= r["accuracy"] <= 1.0
+        # the sweeps' clean accuracy is the Table-1 row's: same model, images, batch, mode
+        table = {r["bn_mode"]: r for r in reproduce["table"][layer_type]}
+        assert eps_rows[0]["clean"] == pytest.approx(table["running-mean"]["clean"])
 
 
 @pytest.mark.slow
 def test_reproduce_interpolation_ends_are_the_checkpoints(reproduce):
-    results = reproduce["interpolation"]
-    assert [r["model"] for r in results] == ["ANN", "ANN-AWN"]
-    for r, layer_type in zip(results, ("adder", "adder-awn")):
+    assert set(reproduce["interpolation"]) == set(LAYER_TYPES)
+    for layer_type, results in reproduce["interpolation"].items():
+        (r,) = results
         assert (r["epoch_a"], r["epoch_b"]) == (1, 2) and r["bn_stats"] == "interpolate"
         assert r["alphas"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
-        # BN tracked scores each image alone, so the ends are the per-epoch test accuracies
+        # The ends score the checkpoints under tracked BN, as the per-epoch test does (on
+        # its first 128 images, all of the small mode's test set).
         history = reproduce["train"][layer_type]
         assert r["test_accuracy_pct"][0] == pytest.approx(100 * history[0]["test_accuracy"])
         assert r["test_accuracy_pct"][-1] == pytest.approx(100 * history[1]["test_accuracy"])
@@ -216,19 +213,13 @@ def test_reproduce_interpolation_ends_are_the_checkpoints(reproduce):
 
 
 @pytest.mark.slow
-def test_reproduce_curves_and_feature_distributions(reproduce):
-    curves = {c["model"]: c for c in reproduce["curves"]}
-    assert set(curves) == {"CNN", "ANN", "ANN-WS", "ANN-AWN"}
-    for model, layer_type in (("CNN", "conv"), ("ANN-AWN", "adder-awn")):
-        history = reproduce["train"][layer_type]
-        assert curves[model]["test_loss"] == [m["test_loss"] for m in history]
+def test_reproduce_feature_distributions(reproduce):
     dists = reproduce["distributions"]
-    assert [d["model"] for d in dists] == ["ANN", "ANN-AWN"]
-    for d in dists:
+    assert set(dists) == set(LAYER_TYPES)
+    for d in dists.values():
         assert d["epochs"] == [1, 2]
         # the paper's 2nd and 19th layers: the first and the last layer in the stages
         assert d["feature_layers"] == ["stages.0.0.conv1", "stages.2.2.conv2"]
-        assert all(epochs == [1, 2] for epochs in d["histogram_epochs"].values())
         for features in d["features"]:
             assert all(np.isfinite(s["mean"]) and s["std"] > 0 for s in features["layers"])
 
@@ -236,9 +227,8 @@ def test_reproduce_curves_and_feature_distributions(reproduce):
 @pytest.mark.slow
 def test_reproduce_writes_its_figures(reproduce):
     names = sorted(pathlib.Path(p).name for p in reproduce["figures"])
-    assert names == sorted(["eps_sweep.png", "steps_sweep.png", "stability_interpolation.png",
-                            "stability_curves.png", "stability_features.png",
-                            "stability_weights.png"])
+    assert names == sorted(["eps_sweep.png", "steps_sweep.png", "interpolation.png",
+                            "curves.png", "features.png", "weights.png"])
     for path in reproduce["figures"]:
         data = pathlib.Path(path).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path

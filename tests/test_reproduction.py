@@ -2,67 +2,101 @@
 stage evaluated and reported, a restart skipping what is done; the report's verdict rule."""
 
 import json
-import os
+import pathlib
+import subprocess
+import sys
+import tarfile
 
 import pytest
 
 from awn_jax import reproduction
 from awn_jax.errors import UserError
-from awn_jax.reproduction import campaign, paper, report, stages
+from awn_jax.reproduction import campaign, paper, report
+from awn_jax.training.runs import load_run
 
-TINY = reproduction.Budget(
-    "tiny", epochs=2, test_examples=64, attacks=("fgsm", "pgd"), attack_steps=2,
-    sweep_examples=32, eps_values=(0.03,), steps_values=(1,), interpolation_points=1,
-    interpolation_bn_stats=("interpolate",), feature_images=16, eval_batch_size=32)
-SYNTHETIC = dict(dataset="synthetic", normalization="dataset", image_size=8, crop_padding=0,
-                 random_flip=False, synthetic_num_train=128, synthetic_num_test=64,
-                 batch_size=32, eval_batch_size=64, log_every_steps=4)
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The dry budget (the GPU path's check) on tiny synthetic data, through the CLI.
+SYNTHETIC = dict(dataset="synthetic", normalization="dataset", image_size=8,
+                 crop_padding=0, random_flip=False, synthetic_num_train=128,
+                 synthetic_num_test=100, batch_size=32, eval_batch_size=100,
+                 log_every_steps=4)
+DRY = reproduction.BUDGETS["dry"]
+
+
+def _reproduce(runs_dir, *flags):
+    command = [sys.executable, "reproduce.py", "--budget", "dry", "--runs_dir", runs_dir,
+               *(f"--set={k}={v}" for k, v in SYNTHETIC.items()), *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     runs_dir = str(tmp_path_factory.mktemp("runs"))
-    return runs_dir, reproduction.run_campaign(TINY, runs_dir, overrides=SYNTHETIC,
-                                               command="pytest")
+    archive = str(tmp_path_factory.mktemp("archive") / "runs.tar.gz")
+    return runs_dir, _reproduce(runs_dir, f"--archive={archive}"), archive
 
 
 @pytest.mark.slow
 def test_campaign_trains_evaluates_and_reports(finished):
-    runs_dir, result = finished
-    assert set(result["workdirs"]) == {"conv", "adder", "adder-ws", "adder-awn"}
-    for workdir in result["workdirs"].values():
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            assert len(f.readlines()) == 2
-    rows = report.named_rows(result["table"])
-    assert set(report.TABLE1) <= set(rows) and rows["ANN-R-AWN"]["num_examples"] == 64
-    assert {"clean", "fgsm", "pgd"} <= set(rows["CNN"])
-    assert [len(result["interpolation"][t]) for t in result["workdirs"]] == [1] * 4
-    report_dir = os.path.join(campaign.campaign_dir(runs_dir, TINY), "report")
+    runs_dir, result, _ = finished
+    root = pathlib.Path(campaign.campaign_dir(runs_dir, DRY))
+    for layer_type in campaign.CONFIGS:
+        metrics = (root / layer_type / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == DRY.epochs, layer_type
+    report_dir = root / "report"
     for name in ("report.md", "report.json", "curves.png", "interpolation.png",
                  "features.png", "eps_sweep.png", "steps_sweep.png"):
-        assert os.path.exists(os.path.join(report_dir, name)), name
-    markdown = result["report"]
-    assert "budget `tiny`: 2 epochs" in markdown and "43.39" in markdown  # paper beside
-    with open(os.path.join(report_dir, "report.json")) as f:
-        assert len(json.load(f)["claims"]) == len(report.CLAIMS)
+        assert (report_dir / name).exists(), name
+    saved = json.loads((report_dir / "report.json").read_text())
+    rows = report.named_rows(saved["table"])
+    assert set(report.TABLE1) <= set(rows) and rows["ANN-R-AWN"]["num_examples"] == 100
+    assert {"clean", "fgsm", "pgd"} <= set(rows["CNN"])
+    assert len(saved["claims"]) == len(report.CLAIMS)
+    assert [len(saved["interpolation"][t]) for t in campaign.CONFIGS] == [1] * 4
+    assert "budget `dry`: 2 epochs" in result.stdout and "43.39" in result.stdout
+    shipped = json.loads((report_dir / "pretrained" / "manifest.json").read_text())
+    assert set(shipped) == set(campaign.SHIPPED_NAMES.values())
 
 
 @pytest.mark.slow
-def test_restart_skips_finished_runs_and_stages(finished, monkeypatch):
-    runs_dir, result = finished
-    for name in ("table", "sweeps", "interpolation_study", "distributions_study"):
-        monkeypatch.setattr(stages, name, lambda *a: pytest.fail("recomputed a stage"))
-    monkeypatch.setattr(campaign, "train_and_evaluate",
-                        lambda *a: None)  # a finished run is never retrained either way
-    again = reproduction.run_campaign(TINY, runs_dir, overrides=SYNTHETIC, command="pytest")
-    assert again["table"] == result["table"]
+def test_restart_skips_finished_runs_and_stages(finished):
+    runs_dir, _, _ = finished
+    stages_dir = pathlib.Path(campaign.campaign_dir(runs_dir, DRY)) / "report" / "stages"
+    before = {p.name: p.stat().st_mtime_ns for p in stages_dir.iterdir()}
+    again = _reproduce(runs_dir, "--stages=train,table,sweeps,interpolation,distributions")
+    assert again.stdout.count("resumed from epoch 2 of 2") == 4  # nothing retrained
+    assert {p.name: p.stat().st_mtime_ns for p in stages_dir.iterdir()} == before
 
 
-def test_evaluation_stages_need_finished_runs(tmp_path):
+@pytest.mark.slow
+def test_archive_holds_what_resuming_needs(finished, tmp_path):
+    runs_dir, _, archive = finished
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        tar.extractall(tmp_path)
+    run = "dry-2ep/adder-awn"
+    assert {f"{run}/config.json", f"{run}/metrics.jsonl", f"{run}/checkpoints/1",
+            f"{run}/checkpoints/2", "dry-2ep/report"} <= names
+    assert load_run(str(tmp_path / run)).epoch == 2
+
+
+def test_a_bad_setting_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "reproduce.py", "--budget", "dry", "--runs_dir",
+                             str(tmp_path), "--set", "num_epoch=3", "--stages", "train"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "unknown config keys ['num_epoch']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluation_stages_wait_for_finished_runs(tmp_path):
+    assert reproduction.run_campaign(DRY, str(tmp_path), stages=("table",))["table"] == {}
     with pytest.raises(UserError, match="not finished at 2 epochs"):
-        reproduction.run_campaign(TINY, str(tmp_path), stages=("table",))
+        reproduction.run_campaign(DRY, str(tmp_path), stages=("report",))
     with pytest.raises(UserError, match="unknown stages"):
-        reproduction.run_campaign(TINY, str(tmp_path), stages=("tables",))
+        reproduction.run_campaign(DRY, str(tmp_path), stages=("tables",))
 
 
 def test_run_configs_are_the_official_recipe_at_the_budget(tmp_path):

@@ -4,10 +4,11 @@ at one budget, trained, evaluated and reported.
 A budget fixes what every run shares (epochs, data, seed) and how much of each study is
 evaluated; the four runs (CNN, ANN, ANN-WS, ANN-AWN) differ only in ``layer_type``. Runs
 train into ``<runs_dir>/<budget>-<epochs>ep/<layer_type>``, resume from their latest
-checkpoint and are skipped once finished. Each evaluation stage writes its results to
-``report/stages/<stage>.json`` together with the epochs of the runs it saw, and is skipped
-when that file matches the finished runs; so a killed campaign restarted with the same
-command loses at most the epoch or the stage in progress.
+checkpoint and are skipped once finished. Each evaluation stage of each finished run
+writes its results to ``report/stages/<stage>-<layer_type>.json`` with the run's epochs,
+and is skipped when that file matches; so a killed campaign restarted with the same
+command loses at most the epoch or the stage in progress, and a run can be evaluated
+while the others still train. The report waits for all four.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import tarfile
+import time
 
 import ml_collections
 from absl import logging
@@ -66,10 +69,9 @@ class Budget:
 
     def describe(self) -> str:
         """One line for every table: what the numbers were obtained at."""
-        tests = self.test_examples or "all 10,000"
-        return (f"budget `{self.name}`: {self.epochs} epochs per run on the 50,000 CIFAR-10 "
-                f"training images, batch 256, seed 0; Table 1/3 on {tests} test images, "
-                f"evaluation batches of {self.eval_batch_size}")
+        tests = self.test_examples or "all"
+        return (f"budget `{self.name}`: {self.epochs} epochs per run; Table 1/3 on {tests} "
+                f"test images, evaluation batches of {self.eval_batch_size}")
 
 
 BUDGETS = {
@@ -78,6 +80,12 @@ BUDGETS = {
                   eps_values=(0.01, 0.03, 0.06, 0.1), steps_values=(1, 7, 20, 50)),
     # One H200: the paper's 400 epochs when they fit, else at least 100.
     "gpu": Budget("gpu", epochs=100, test_examples=0, sweep_examples=2000),
+    # The GPU path checked on a CPU in minutes (--set num_train_examples=512): no results.
+    "dry": Budget("dry", epochs=2, test_examples=100, attacks=("fgsm", "pgd"),
+                  attack_steps=1, sweep_examples=100,
+                  eps_values=(0.03,), steps_values=(1,), interpolation_points=1,
+                  interpolation_bn_stats=("interpolate",), feature_images=16,
+                  eval_batch_size=100),
 }
 
 
@@ -105,32 +113,37 @@ def workdirs(runs_dir: str, budget: Budget, layer_types=tuple(CONFIGS)) -> dict[
     return {t: os.path.join(campaign_dir(runs_dir, budget), t) for t in layer_types}
 
 
-def _train_one(layer_type, budget, workdir, data_dir, overrides):
+def _train_one(layer_type, budget, workdir, data_dir, overrides, deadline):
     config = run_config(layer_type, budget, data_dir)
+    unknown = sorted(set(overrides or {}) - set(config))
+    if unknown:
+        raise UserError(f"unknown config keys {unknown}; the keys are those of "
+                        "configs/default.py")
     config.update(overrides or {})
     config.workdir = workdir
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir, deadline=deadline)
     return layer_type
 
 
 def train_runs(budget: Budget, runs_dir: str, data_dir: str = "",
                layer_types=tuple(CONFIGS), overrides: dict | None = None,
-               parallel: bool = False) -> dict[str, str]:
+               parallel: bool = False, deadline: float | None = None) -> dict[str, str]:
     """Train (or resume, or skip when finished) each run; returns layer_type -> workdir.
 
     ``overrides``: config keys changed in every run (tests shrink the data with them).
     ``parallel``: one process per run, all at once (on a GPU each takes a share of its
-    memory: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` is set for the children).
+    memory: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` is set for the children). ``deadline``:
+    a ``time.time()`` after which every run stops at its next epoch end.
     """
     dirs = workdirs(runs_dir, budget, layer_types)
     if not parallel:
         for layer_type, workdir in dirs.items():
-            _train_one(layer_type, budget, workdir, data_dir, overrides)
+            _train_one(layer_type, budget, workdir, data_dir, overrides, deadline)
         return dirs
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / len(dirs):.2f}")
     context = multiprocessing.get_context("spawn")  # fresh JAX in every child
     with concurrent.futures.ProcessPoolExecutor(len(dirs), mp_context=context) as pool:
-        futures = [pool.submit(_train_one, t, budget, w, data_dir, overrides)
+        futures = [pool.submit(_train_one, t, budget, w, data_dir, overrides, deadline)
                    for t, w in dirs.items()]
         for future in concurrent.futures.as_completed(futures):
             logging.warning("finished training %s", future.result())
@@ -165,9 +178,11 @@ def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
 
 def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGES,
                  overrides: dict | None = None, parallel: bool = False,
-                 command: str = "") -> dict:
+                 train_seconds: float | None = None, command: str = "") -> dict:
     """The whole campaign, or the ``stages`` of it asked for; returns what it computed
-    (``workdirs``, and per stage its results; ``report`` is the Markdown)."""
+    (``workdirs``, and per stage its results; ``report`` is the Markdown).
+    ``train_seconds``: training stops at the first epoch end past this many seconds, and
+    the evaluation stages wait for a later call."""
     from awn_jax.reproduction import report, stages as studies  # the studies need matplotlib
 
     unknown = sorted(set(stages) - set(STAGES))
@@ -176,18 +191,31 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     dirs = workdirs(runs_dir, budget)
     out = {"workdirs": dirs}
     if "train" in stages:
-        train_runs(budget, runs_dir, data_dir, overrides=overrides, parallel=parallel)
+        deadline = None if train_seconds is None else time.time() + train_seconds
+        train_runs(budget, runs_dir, data_dir, overrides=overrides, parallel=parallel,
+                   deadline=deadline)
+        if any(len(read_metrics(w)) < budget.epochs for w in dirs.values()):
+            logging.warning("training time is up; run the same command again to go on")
+            return out
     evaluations = {"table": studies.table, "sweeps": studies.sweeps,
                    "interpolation": studies.interpolation_study,
                    "distributions": studies.distributions_study}
     wanted = [s for s in evaluations if s in stages or "report" in stages]
     if not wanted:
         return out
-    epochs = finished_epochs(dirs, budget)
+    epochs = {t: len(read_metrics(w)) for t, w in dirs.items()}
+    done = {t for t, e in epochs.items() if e >= budget.epochs}
+    if "report" in stages:
+        finished_epochs(dirs, budget)  # the report needs every run: a clear error if not
     report_dir = os.path.join(campaign_dir(runs_dir, budget), "report")
     for stage in wanted:
         out[stage] = {}
         for layer_type, workdir in dirs.items():
+            if layer_type not in done:  # evaluated once it has finished training
+                logging.warning("campaign %s: %s of %s waits for its training (%d of %d "
+                                "epochs)", budget.name, stage, layer_type, epochs[layer_type],
+                                budget.epochs)
+                continue
             logging.warning("campaign %s: %s of %s", budget.name, stage, layer_type)
             out[stage][layer_type] = cached_stage(
                 report_dir, f"{stage}-{layer_type}", {layer_type: epochs[layer_type]},
@@ -221,3 +249,31 @@ def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
             test_examples=rows[0]["num_examples"],
             test_images="the first N of the fixed test order (awn_jax.data: seed 2021)")
     return entries
+
+
+def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
+    """A ``.tar.gz`` of what a fresh machine needs to resume the campaign and run its
+    studies: every run's config, dataset info and metrics, the checkpoints of its latest
+    epoch and of the epochs the studies read, and the report so far. Returns the members."""
+    from awn_jax.reproduction import stages
+    from awn_jax.training.runs import saved_epochs
+
+    root = campaign_dir(runs_dir, budget)
+    wanted = {e for pair in stages.epoch_pairs(budget.epochs) for e in pair}
+    wanted |= set(stages.feature_epochs(budget.epochs))
+    members = []
+    for workdir in workdirs(runs_dir, budget).values():
+        if not os.path.isdir(workdir):
+            continue
+        epochs = saved_epochs(workdir)
+        keep = (wanted & set(epochs)) | set(epochs[-1:])
+        members += [os.path.join(workdir, name) for name in
+                    ("config.json", "dataset_info.json", "metrics.jsonl")
+                    if os.path.exists(os.path.join(workdir, name))]
+        members += [os.path.join(workdir, "checkpoints", str(e)) for e in sorted(keep)]
+    if os.path.isdir(os.path.join(root, "report")):
+        members.append(os.path.join(root, "report"))
+    with tarfile.open(path, "w:gz") as tar:
+        for member in members:
+            tar.add(member, arcname=os.path.relpath(member, os.path.expanduser(runs_dir)))
+    return [os.path.relpath(m, os.path.expanduser(runs_dir)) for m in members]

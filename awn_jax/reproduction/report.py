@@ -17,6 +17,7 @@ from awn_jax import reports
 from awn_jax.reproduction import paper
 from awn_jax.robustness import studies
 from awn_jax.stability import curves, distributions, interpolation
+from awn_jax.training import checkpointing
 
 COLUMNS = ("clean",) + paper.ATTACKS
 HEADERS = {"clean": "clean", "fgsm": "FGSM", "bim": "BIM-7", "pgd": "PGD-7", "mim": "MIM-5",
@@ -48,12 +49,15 @@ def _paper_cell(name, column):
 def format_table(rows: dict[str, dict], names, budget) -> str:
     """Obtained (± SE) and the paper's accuracy, %, one line per row name."""
     lines = [f"*{budget.describe()}.*", "", "| row | BN mode | "
-             + " | ".join(f"{HEADERS[c]} | paper" for c in COLUMNS) + " |",
-             "|" + "---|" * (2 + 2 * len(COLUMNS))]
+             + " | ".join(f"{HEADERS[c]} | paper" for c in COLUMNS)
+             + " | #Mul / #Add (M) | paper |", "|" + "---|" * (4 + 2 * len(COLUMNS))]
     for name in names:
         row = rows[name]
         cells = [f"{_cell(row, c)} | {_paper_cell(name, c)}" for c in COLUMNS]
-        lines.append(f"| {name} | {row['bn_mode']} | " + " | ".join(cells) + " |")
+        kind = "conv" if row["layer_type"] == "conv" else "adder"
+        counts = "{:.2f} / {:.2f} | {:.2f} / {:.2f}".format(
+            row["mul"] / 1e6, row["add"] / 1e6, *paper.COUNTS[kind])
+        lines.append(f"| {name} | {row['bn_mode']} | " + " | ".join(cells) + f" | {counts} |")
     return "\n".join(lines)
 
 
@@ -162,6 +166,16 @@ def format_features(results: dict) -> str:
     return "\n".join(lines) + "\n\nThe paper (Sec. 5.2, 19th layer): " + "; ".join(quoted) + "."
 
 
+def training_summary(workdir: str) -> str:
+    """What a run trained on, from its saved config and dataset info."""
+    config = checkpointing.load_config_dict(workdir)
+    info = checkpointing.load_dataset_info(workdir) or {}
+    subset = config["num_train_examples"] or info.get("num_train", "?")
+    return (f"training data `{info.get('name', config['dataset'])}` ({subset} images), batch "
+            f"{config['batch_size']}, lr {config['learning_rate']} {config['lr_schedule']}, "
+            f"weight decay {config['weight_decay']}, seed {config['seed']}")
+
+
 def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
           command: str) -> str:
     """``report.md``, ``report.json`` and the figures into ``report_dir``; returns the
@@ -188,7 +202,8 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
             studies.plot_sweep(sweep_rows, key, xlabel, title), report_dir, f"{x}_sweep")
     markdown = "\n".join([
         f"# Reproduction report: ResNet-20 on CIFAR-10, budget `{budget.name}`", "",
-        f"Command: `{command}`", "", f"{budget.describe()}.", "",
+        f"Command: `{command}`", "",
+        f"{budget.describe()}; {training_summary(next(iter(workdirs.values())))}.", "",
         "Runs: " + ", ".join(f"{paper.BASE_NAMES[t]} `{w}` ({epochs[t]} epochs)"
                              for t, w in workdirs.items()), "",
         "## Table 1 (accuracy %, obtained ± SE | paper)", "",

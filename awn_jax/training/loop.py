@@ -26,7 +26,9 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awn_jax import data, optim
+from awn_jax.config_checks import check_config
 from awn_jax.distributed import make_mesh
+from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.evaluation import Evaluator, check_bn_modes
 from awn_jax.model import apply_model, cross_entropy
 from awn_jax.training import checkpointing
@@ -61,8 +63,8 @@ class Trainer:
         check_bn_modes([config.eval_bn_mode])
         num_devices = mesh.devices.size
         if config.batch_size % num_devices:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                             f"{num_devices} devices; choose a multiple of {num_devices}")
+            raise UserError(f"batch_size {config.batch_size} is not divisible by the "
+                            f"{num_devices} devices; choose a multiple of {num_devices}")
         self.steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
         self.graphdef, tx, state = create_train_state(config, dataset.info, self.steps_per_epoch)
         self.initial_state = jax.device_put(state, self.replicated)
@@ -121,17 +123,19 @@ class Trainer:
 def _raise_on_nonfinite(metrics, epoch, first_step):
     for offset, m in enumerate(metrics):
         if not math.isfinite(float(m["loss"])):
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"loss is {float(m['loss'])} at step {first_step + offset} (epoch {epoch + 1}); "
                 "training stopped, the last good checkpoint is kept")
 
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> dict:
     """Train ``config`` into ``workdir`` (resuming from its latest checkpoint); returns the
-    last epoch's metrics."""
+    last epoch's metrics. ``deadline`` (a ``time.time()``): stop after the first epoch
+    that ends past it, checkpoint written, so a machine lent for a fixed time loses none."""
+    check_config(config)
     dataset = data.get_dataset(config)
-    trainer = Trainer(config, dataset, make_mesh(config.num_devices))  # validates config
+    trainer = Trainer(config, dataset, make_mesh(config.num_devices))  # checks the rest
     os.makedirs(workdir, exist_ok=True)
     checkpointing.check_or_save_config(config, workdir)
     checkpointing.save_dataset_info(dataset.info, workdir)
@@ -165,6 +169,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             checkpointing.save(manager, epoch + 1, state)
             progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                        for k, v in metrics.items()}))
+            if deadline is not None and time.time() > deadline and epoch + 1 < config.num_epochs:
+                progress.write(f"deadline reached: stopped after epoch {epoch + 1}; the same "
+                               "command resumes here")
+                break
     finally:
         progress.close()
         manager.wait_until_finished()
