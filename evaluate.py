@@ -4,6 +4,7 @@
     python evaluate.py --attack all --bn-mode all --workdir A --workdir B --num-examples 1000
     python evaluate.py --study eps-sweep --bn-mode running-mean --workdir A --workdir B
     python evaluate.py --study batch --bn-mode all --workdir A
+    python evaluate.py --study strict --bn-mode all --workdir A --num-examples 1000
 
 --study picks what is measured (all of it written into --output-dir, default: the first
 workdir):
@@ -14,6 +15,11 @@ workdir):
   batch        batch dependence: accuracy vs evaluation batch size, random partitions into
                batches, attackers controlling part of each batch, transfer from tracked:
                batch.json/.md, batch_size.png
+  strict       a strict evaluation of the batch modes, per run x BN mode: clean, PGD-7,
+               APGD-CE, APGD-DLR, Square, transfer from tracked, EOT over unknown batch
+               partners, worst case; harm to clean batch mates against the attacker's
+               share of the batch; controls (batch size 1, single-class batches):
+               strict.json/.md/.png (docs/ROBUSTNESS.md, "Strict evaluation")
 A detection workdir (trained from a configs/voc_frcnn_* config) gets its VOC mAP and
 per-class AP table instead (detection_eval.json/.md; --epoch, --data-dir, --num-examples
 and --output-dir apply). Without --workdir, the --config file's workdir is used;
@@ -28,7 +34,7 @@ from ml_collections import config_flags
 
 from awn_jax import cli, pretrained, robustness
 from awn_jax.detection import training as detection
-from awn_jax.robustness import attacks, studies
+from awn_jax.robustness import attacks, strict, studies
 from awn_jax.training.runs import load_run
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,7 +44,8 @@ _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Training workdir(s); one
 _PRETRAINED = flags.DEFINE_multi_string(
     "pretrained", None, "Shipped model(s) to evaluate, e.g. cifar10_r20_awn (see "
     "awn_jax.pretrained.names()).")
-_STUDY = flags.DEFINE_string("study", "table", "table | eps-sweep | steps-sweep | batch.")
+_STUDY = flags.DEFINE_string("study", "table",
+                             "table | eps-sweep | steps-sweep | batch | strict.")
 _ATTACK = flags.DEFINE_string(
     "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
     "The sweeps are PGD; the batch study uses this one attack (default pgd) at the "
@@ -65,13 +72,29 @@ _BATCH_SIZES = flags.DEFINE_list("batch-sizes", [str(b) for b in studies.BATCH_S
 _PARTITIONS = flags.DEFINE_integer("partitions", 5, "batch study: random partitions.")
 _ATTACKED = flags.DEFINE_list("attacked-per-batch", None,
                               "batch study: images the attacker controls per batch "
-                              "(default: 1, 10% and all of --batch-size).")
+                              "(default: 1, 10% and all of --batch-size); strict study: "
+                              "the harm curve's k (default: 1, 5%, 10%, 25%).")
 _PASSES = flags.DEFINE_integer("threat-passes", 8, "batch study: rotations of the attacked "
                                "slots per batch (more attacked examples, more time).")
 _CHUNK = flags.DEFINE_integer("chunk-size", 512, "Studies: examples per compiled call.")
+_APGD_STEPS = flags.DEFINE_integer("apgd-steps", 100, "strict: APGD-CE/-DLR iterations.")
+_SQUARE_QUERIES = flags.DEFINE_integer("square-queries", 5000,
+                                       "strict: Square's query budget per image.")
+_TRANSFER = flags.DEFINE_string("transfer-attack", "pgd",
+                                "strict: attack crafted under tracked, scored in the batch.")
+_EOT_ATTACKED = flags.DEFINE_integer("eot-attacked", None, "strict: images per batch "
+                                     "crafted by EOT over random partners (default 10%).")
+_EOT_DRAWS = flags.DEFINE_integer("eot-draws", 4, "strict: partner batches per EOT step.")
+_EOT_STEPS = flags.DEFINE_integer("eot-steps", 10, "strict: EOT's PGD steps.")
+_MATE_STEPS = flags.DEFINE_integer("mate-steps", 20, "strict: steps of the batch-mate "
+                                   "attack (step eps/4).")
+_MATE_UNBOUNDED = flags.DEFINE_bool("mate-unbounded", False, "strict: the batch-mate "
+                                    "attacker's images are free in [0, 1], not in the ball.")
+_CONTROL_BATCH = flags.DEFINE_integer("control-batch-size", 50, "strict: size of the "
+                                      "single-class (and matching mixed) control batches.")
 
 PAPER_ATTACKS = ("fgsm", "bim", "pgd", "mim", "rfgsm")
-STUDIES = ("table", "eps-sweep", "steps-sweep", "batch")
+STUDIES = ("table", "eps-sweep", "steps-sweep", "batch", "strict")
 
 
 def _numbers(flag, kind):
@@ -133,6 +156,20 @@ def main(argv):
             batch_size=_BATCH_SIZE.value or 500, num_examples=_NUM_EXAMPLES.value,
             seed=_SEED.value)]
         print(studies.write_sweep(rows, "steps", output_dir))
+    elif _STUDY.value == "strict":
+        budgets = strict.Budgets(
+            apgd_steps=_APGD_STEPS.value, square_queries=_SQUARE_QUERIES.value,
+            transfer_attack=_TRANSFER.value, eot_attacked=_EOT_ATTACKED.value,
+            eot_draws=_EOT_DRAWS.value, eot_steps=_EOT_STEPS.value,
+            mate_steps=_MATE_STEPS.value, mate_unbounded=_MATE_UNBOUNDED.value,
+            mate_sizes=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
+            control_batch_size=_CONTROL_BATCH.value)
+        results = [strict.strict_study(
+            run, bn_modes, num_examples=_NUM_EXAMPLES.value,
+            batch_size=_BATCH_SIZE.value or 500, eps=_EPS.value or attacks.DEFAULT_EPS,
+            step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
+            budgets=budgets) for run in runs]
+        print(strict.write_strict(results, output_dir))
     else:
         batch_sizes = _numbers(_BATCH_SIZES, int)
         attacked = _numbers(_ATTACKED, int) if _ATTACKED.value else None

@@ -4,6 +4,8 @@ study's report, on the tiny trained network of test_robustness.py."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import pytest
 
 from awn_jax.robustness import strict
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
-from test_robustness import TinyNet, tiny_run  # noqa: F401  (TinyNet: tiny_run's model)
+from test_robustness import REPO_ROOT, TinyNet, resnet_workdir, tiny_run  # noqa: F401
 
 BATCH = 16
 
@@ -153,3 +155,14 @@ def test_scoring_the_mates_needs_attacker_images_and_mates(run, data):
     with pytest.raises(ValueError, match="score must be"):
         run.evaluator.logits(images, labels, batch_size=BATCH, bn_mode="tracked",
                              score="others")
+
+
+def test_cli_strict_reports_bad_budgets_in_one_line(resnet_workdir):  # noqa: F811
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", "--study", "strict", "--workdir", resnet_workdir,
+         "--batch-size", "16", "--eot-attacked", "16"], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("error: EOT's attacked images per batch must be in [1, 15] for batches of 16, "
+            "got 16") in result.stderr
+    assert "Traceback" not in result.stderr
