@@ -34,6 +34,8 @@ from ml_collections import config_flags
 
 from awn_jax import cli, pretrained, robustness
 from awn_jax.detection import training as detection
+from awn_jax.errors import UserError
+from awn_jax.detection.evaluation import summary_table
 from awn_jax.robustness import attacks, strict, studies
 from awn_jax.training.runs import load_run
 
@@ -101,19 +103,19 @@ def _numbers(flag, kind):
     try:
         return tuple(kind(v) for v in flag.value)
     except ValueError:
-        raise ValueError(f"--{flag.name} must be a comma-separated list of "
-                         f"{kind.__name__}s, got {','.join(flag.value)}") from None
+        raise UserError(f"--{flag.name} must be a comma-separated list of "
+                        f"{kind.__name__}s, got {','.join(flag.value)}") from None
 
 
 def main(argv):
     del argv
     if _STUDY.value not in STUDIES:
-        raise ValueError(f"unknown study {_STUDY.value!r}; expected one of {', '.join(STUDIES)}")
+        raise UserError(f"unknown study {_STUDY.value!r}; expected one of {', '.join(STUDIES)}")
     attack = _ATTACK.value or ("all" if _STUDY.value == "table" else "pgd")
     if attack != "all":
         attacks.check_attack_name(attack)
     if _STUDY.value in ("eps-sweep", "steps-sweep") and attack != "pgd":
-        raise ValueError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
+        raise UserError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
     bn_modes = robustness.check_bn_modes(
         robustness.EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
     if _PRETRAINED.value:
@@ -122,12 +124,13 @@ def main(argv):
     else:
         workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
         if not workdirs:
-            raise ValueError("pass --workdir or --pretrained (or --config to use its workdir)")
+            raise UserError("pass --workdir or --pretrained (or --config to use its workdir)")
         if any(detection.is_detection_workdir(w) for w in workdirs):
-            for workdir in workdirs:
-                print(detection.evaluate_workdir(
-                    workdir, epoch=_EPOCH.value, data_dir=_DATA_DIR.value,
-                    num_examples=_NUM_EXAMPLES.value, output_dir=_OUTPUT_DIR.value)["table"])
+            results = [detection.evaluate_workdir(
+                w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value,
+                num_examples=_NUM_EXAMPLES.value, output_dir=_OUTPUT_DIR.value)
+                for w in workdirs]
+            print("\n\n".join([r["table"] for r in results] + [summary_table(results)]))
             return
         output_dir = _OUTPUT_DIR.value or workdirs[0]
         loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)

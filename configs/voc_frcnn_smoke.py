@@ -31,11 +31,11 @@ def get_config():
     config.test_candidates_per_class = 50
     config.test_detections_per_image = 20
     config.batch_size = 8
-    config.num_epochs = 6
+    config.num_epochs = 4
     config.learning_rate = 0.02
     config.warmup_steps = 50
     config.eval_batch_size = 32
-    config.eval_every_epochs = 2
+    config.eval_every_epochs = 1
     config.log_every_steps = 8
     config.workdir = "workdirs/voc_frcnn_smoke"
     return config

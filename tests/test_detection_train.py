@@ -215,4 +215,5 @@ def test_evaluate_cli_prints_the_map_table_of_a_detection_workdir(uninterrupted,
     assert result.returncode == 0, result.stderr[-2000:]
     expected = 100 * read_metrics(uninterrupted)[-1]["test_map"]
     assert "| **mAP** | " in result.stdout and f"**{expected:.1f}**" in result.stdout
+    assert f"| ANN-AWN-FPN | adder-awn | {uninterrupted} | 2 | {expected:.1f} |" in result.stdout
     assert os.path.exists(tmp_path / "detection_eval.md")

@@ -56,3 +56,19 @@ def write_report(result: dict, output_dir: str, epoch: int) -> str:
         with open(os.path.join(output_dir, "detection_eval.md"), "w") as f:
             f.write(text)
     return text
+
+
+# Table 2's names of the detectors by layer type of backbone and neck.
+DETECTOR_NAMES = {"conv": "CNN-FPN", "adder": "ANN-FPN", "adder-ws": "ANN-WS-FPN",
+                  "adder-awn": "ANN-AWN-FPN"}
+
+
+def summary_table(results) -> str:
+    """Table 2's layout for several runs: ``results`` of :func:`evaluate` with ``workdir``,
+    ``layer_type`` and ``epoch`` added."""
+    lines = ["| model | backbone and neck | run | epoch | mAP |", "|---|---|---|---:|---:|"]
+    for r in results:
+        lines.append(f"| {DETECTOR_NAMES.get(r['layer_type'], r['layer_type'])} | "
+                     f"{r['layer_type']} | {r['workdir']} | {r['epoch']} | "
+                     f"{100 * r['map']:.1f} |")
+    return "\n".join(lines)

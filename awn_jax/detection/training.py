@@ -29,9 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awn_jax import data as classification_data
 from awn_jax import optim
+from awn_jax.config_checks import check_config
 from awn_jax.detection import data, evaluation
 from awn_jax.detection.detector import build_detector
 from awn_jax.distributed import make_mesh
+from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.model import split_model, with_bn_mode
 from awn_jax.nn.batchnorm import check_bn_mode
 from awn_jax.training import checkpointing
@@ -46,7 +48,7 @@ def optimizer_config(config, steps_per_epoch: int):
     keys = ("learning_rate", "lr_schedule", "num_epochs", "momentum", "nesterov",
             "weight_decay", "awn_lr_multiplier")
     if config.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+        raise UserError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
     return ml_collections.ConfigDict(
         {**{k: config[k] for k in keys}, "warmup_epochs": config.warmup_steps / steps_per_epoch})
 
@@ -60,8 +62,8 @@ def load_backbone(workdir: str, config):
     saved = ml_collections.ConfigDict(checkpointing.load_config_dict(workdir))
     for key in ("model", "layer_type"):
         if saved[key] != config[key]:
-            raise ValueError(f"backbone_workdir {workdir} trained {key}={saved[key]!r}, but "
-                             f"this detector has {key}={config[key]!r}")
+            raise UserError(f"backbone_workdir {workdir} trained {key}={saved[key]!r}, but "
+                            f"this detector has {key}={config[key]!r}")
     info_fields = checkpointing.load_dataset_info(workdir)
     if info_fields is None:
         raise checkpointing.CheckpointError(f"{workdir} holds no dataset_info.json")
@@ -122,10 +124,10 @@ class DetectionTrainer:
         num_devices = mesh.devices.size
         for name in ("batch_size", "eval_batch_size"):
             if config[name] % num_devices:
-                raise ValueError(f"{name} {config[name]} is not divisible by the "
-                                 f"{num_devices} devices; choose a multiple of {num_devices}")
+                raise UserError(f"{name} {config[name]} is not divisible by the "
+                                f"{num_devices} devices; choose a multiple of {num_devices}")
         if config.eval_every_epochs < 0:
-            raise ValueError(f"eval_every_epochs must be >= 0, got {config.eval_every_epochs}")
+            raise UserError(f"eval_every_epochs must be >= 0, got {config.eval_every_epochs}")
         self.steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
         self.graphdef, tx, state = create_detection_state(config, dataset.info,
                                                           self.steps_per_epoch)
@@ -168,7 +170,7 @@ class DetectionTrainer:
                 last_step = epoch * self.steps_per_epoch + i + 1
                 for offset, m in enumerate(fetched):
                     if not math.isfinite(float(m["loss"])):
-                        raise FloatingPointError(
+                        raise NonFiniteLossError(
                             f"loss is {float(m['loss'])} at step "
                             f"{last_step - len(fetched) + 1 + offset} (epoch {epoch + 1}); "
                             "training stopped, the last good checkpoint is kept")
@@ -196,6 +198,7 @@ def _due_for_evaluation(config, epoch: int) -> bool:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train the detection ``config`` into ``workdir`` (resuming from its latest
     checkpoint); returns the last epoch's metrics."""
+    check_config(config, skip=("dataset",))  # the detection datasets: data.get_dataset
     dataset = data.get_dataset(config)
     trainer = DetectionTrainer(config, dataset, make_mesh(config.num_devices))
     os.makedirs(workdir, exist_ok=True)
@@ -276,4 +279,4 @@ def evaluate_workdir(workdir: str, *, epoch: int | None = None, data_dir: str | 
         manager.close()
     result = trainer.evaluate(state)
     result["table"] = evaluation.write_report(result, output_dir or workdir, epoch)
-    return result
+    return dict(result, workdir=workdir, layer_type=config.layer_type, epoch=epoch)
