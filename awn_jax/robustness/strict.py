@@ -115,8 +115,12 @@ class _Study:
         scored = self.run.evaluator.scored_labels(labels, batch_size=batch_size, **kwargs)
         return (predictions == scored).reshape(-1)
 
-    def attack(self, name, steps=None):
+    def attack(self, name):
+        """``attacks.configured`` at the study's eps and step, with the budgets' steps
+        for APGD and Square (the paper's for the others)."""
         takes_step = attacks.default_settings(name)["step_size"] is not None
+        steps = {"apgd-ce": self.budgets.apgd_steps, "apgd-dlr": self.budgets.apgd_steps,
+                 "square": self.budgets.square_queries}.get(name)
         return attacks.configured(name, eps=self.eps, steps=steps,
                                   step_size=self.step_size if takes_step else None)
 
@@ -125,12 +129,10 @@ class _Study:
         per_example = {
             "clean": self.correct(mode),
             "pgd": self.correct(mode, attack=self.attack("pgd"), key_name="pgd"),
-            "apgd-ce": self.correct(mode, attack=self.attack("apgd-ce", b.apgd_steps),
-                                    key_name="apgd-ce"),
-            "apgd-dlr": self.correct(mode, attack=self.attack("apgd-dlr", b.apgd_steps),
+            "apgd-ce": self.correct(mode, attack=self.attack("apgd-ce"), key_name="apgd-ce"),
+            "apgd-dlr": self.correct(mode, attack=self.attack("apgd-dlr"),
                                      key_name="apgd-dlr"),
-            "square": self.correct(mode, attack=self.attack("square", b.square_queries),
-                                   key_name="square"),
+            "square": self.correct(mode, attack=self.attack("square"), key_name="square"),
             # The transferred attack's own key: under tracked it is that row exactly.
             "transfer": self.correct(mode, attack=self.attack(b.transfer_attack),
                                      attack_bn_mode="tracked",
