@@ -13,9 +13,10 @@ Each writes stability_<study>.json and .png into --output-dir (default: the firs
 
 import os
 
-from absl import flags, logging
+from absl import flags
 
 from awn_jax import cli, reports
+from awn_jax.errors import UserError
 from awn_jax.stability import curves, distributions, interpolation, theory
 from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run, saved_epochs
@@ -49,8 +50,8 @@ def _studies() -> list[str]:
     names = list(STUDIES) if _STUDY.value == ["all"] else _STUDY.value
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
-        raise ValueError(f"unknown study {', '.join(unknown)}; expected one of "
-                         f"{', '.join(STUDIES)} or all")
+        raise UserError(f"unknown study {', '.join(unknown)}; expected one of "
+                        f"{', '.join(STUDIES)} or all")
     return names
 
 
@@ -69,7 +70,7 @@ def _interpolation(workdirs, output_dir) -> None:
         epoch_a = _EPOCH_A.value if _EPOCH_A.value is not None else max(
             [e for e in epochs if e < epoch_b], default=None)
         if epoch_a is None:
-            raise ValueError(f"{workdir}: interpolation needs two checkpoints; saved: {epochs}")
+            raise UserError(f"{workdir}: interpolation needs two checkpoints; saved: {epochs}")
         run_a = load_run(workdir, epoch_a, _DATA_DIR.value)
         run_b = load_run(workdir, epoch_b, _DATA_DIR.value)
         for mode in modes:
@@ -102,20 +103,18 @@ def _distributions(workdirs, output_dir) -> None:
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     studies = _studies()
     workdirs = _WORKDIRS.value
     for workdir in workdirs:
         if not os.path.isdir(workdir):
-            raise FileNotFoundError(f"no such workdir: {workdir}")
+            raise UserError(f"no such workdir: {workdir}")
         checkpointing.load_config_dict(workdir)  # fails on a directory that is no workdir
     if not workdirs and set(studies) - {"variance-theory"}:
-        raise ValueError(f"the studies {', '.join(s for s in studies if s != 'variance-theory')}"
-                         " need at least one --workdir")
+        raise UserError(f"the studies {', '.join(s for s in studies if s != 'variance-theory')}"
+                        " need at least one --workdir")
     output_dir = _OUTPUT_DIR.value or (workdirs[0] if workdirs else None)
     if output_dir is None:
-        raise ValueError("pass --output-dir (or a --workdir to write into)")
+        raise UserError("pass --output-dir (or a --workdir to write into)")
     if "curves" in studies:
         results = curves.collect(workdirs)
         _write(output_dir, "curves", results, ("", curves.plot(results)))

@@ -6,7 +6,7 @@ an unknown key is an error. ``--workdir`` defaults to the config's ``workdir``; 
 resumes from the latest checkpoint there.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from awn_jax import cli
@@ -25,7 +25,6 @@ _MULTIHOST = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     maybe_initialize_distributed(_MULTIHOST.value)
     config = _CONFIG.value
     train = detection.train_and_evaluate if config.get("task") == "detection" else train_and_evaluate

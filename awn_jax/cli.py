@@ -1,38 +1,71 @@
 """What the thin command-line entry points share: flag parsing and error reporting that
-turn bad input into one clear line instead of a traceback."""
+turn bad input into one clear line instead of a traceback, and a quiet console.
+
+Only :class:`awn_jax.errors.UserError` (bad config values, data, checkpoints, flags) and
+what absl and ml_collections raise while parsing flags become one line; any other
+exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
+from ml_collections.config_flags import config_flags
 
-from awn_jax.training.checkpointing import CheckpointError
+from awn_jax.errors import UserError
 
-# Errors that describe bad input or a stopped run; anything else is a bug and keeps its
-# traceback.
-USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
+
+def _unknown_key_message(error: BaseException) -> str:
+    """ml_collections reports an unknown key as an AttributeError around a KeyError whose
+    text is the quoted key, then a "Did you mean" line; ``str()`` of it shows escapes."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    quoted_key, *hints = str(error.args[0] if error.args else error).splitlines()
+    key = quoted_key.strip("\"'")
+    hint = " ".join(line.strip() for line in hints)
+    hint = f" ({hint[:1].lower()}{hint[1:]})" if hint else ""
+    return (f"error: unknown config key {key}{hint}; the keys are those of the config file "
+            "(see configs/default.py)")
+
+
+def _load_config_files(flag_values) -> None:
+    """ml_collections keeps a config file's load error until the config is first used;
+    raise it here, while the flags are parsed."""
+    for name in flag_values:
+        flag = flag_values[name]
+        if config_flags.is_config_flag(flag) and flag.value is not None:
+            try:
+                getattr(flag.value, "keys", None)  # a file that failed to load raises here
+            except OSError as error:
+                reason = str(error).strip().splitlines()[-1].strip()
+                sys.exit(f"error: cannot load --{name} "
+                         f"{config_flags.get_config_filename(flag)}: {reason}")
 
 
 def _parse_flags(argv):
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as error:
         sys.exit(f"error: {error}\nPass --help for the flags.")
     except (AttributeError, KeyError) as error:  # ml_collections: an unknown config key
-        key = str(error).strip("\"'")
-        sys.exit(f"error: unknown config key {key}; the keys are those of the config file "
-                 "(see configs/default.py)")
+        sys.exit(_unknown_key_message(error))
     except (TypeError, ValueError) as error:     # ml_collections: a value of the wrong type
         sys.exit(f"error: bad config override: {error}")
+    _load_config_files(flags.FLAGS)
+    return remaining
 
 
 def run(main) -> None:
-    """``app.run(main)`` with one-line errors for bad flags, configs and inputs."""
+    """``app.run(main)`` with one-line errors for bad flags, configs and inputs, and absl
+    logging at WARNING unless ``--verbosity`` is given (Orbax logs every checkpoint save
+    and restore at INFO)."""
     def guarded(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
-        except USER_ERRORS as error:
+        except UserError as error:
             sys.exit(f"error: {error}")
 
     app.run(guarded, flags_parser=_parse_flags)

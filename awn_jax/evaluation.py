@@ -153,7 +153,7 @@ class Evaluator:
                             f"got {attacked}")
         if jax.process_count() > 1:
             raise UserError("per-example evaluation runs on one host")
-        if batch_size < 1 or len(images) % batch_size:
+        if batch_size < 1 or len(images) % batch_size or not len(images):
             raise UserError(f"{len(images)} examples do not fill batches of {batch_size}")
         if attacked is not None and not 1 <= attacked <= batch_size:
             raise UserError(f"attacked must be in [1, {batch_size}], got {attacked}")

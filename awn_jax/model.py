@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from awn_jax.errors import UserError
 from awn_jax.nn import create_model, set_bn_mode
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -24,8 +25,8 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def build_model(config, info) -> nnx.Module:
     """The configured model for a dataset (``info``: its classes and channel statistics)."""
     if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute_dtype {config.compute_dtype!r}; "
-                         f"expected one of {tuple(COMPUTE_DTYPES)}")
+        raise UserError(f"unknown compute_dtype {config.compute_dtype!r}; "
+                        f"expected one of {tuple(COMPUTE_DTYPES)}")
     return create_model(
         config.model, num_classes=info.num_classes, layer_type=config.layer_type,
         mean=info.mean, std=info.std, eta=config.eta if config.eta > 0 else None,

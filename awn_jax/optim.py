@@ -14,6 +14,7 @@ import jax
 import optax
 from flax import nnx
 
+from awn_jax.errors import UserError
 from awn_jax.nn import AWNParam
 
 LR_SCHEDULES = ("cosine-epoch", "cosine-step", "constant")
@@ -40,13 +41,13 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     (``optax.join_schedules``), so the rate is continuous where the warmup ends.
     """
     if config.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; "
-                         f"expected one of {LR_SCHEDULES}")
+        raise UserError(f"unknown lr_schedule {config.lr_schedule!r}; "
+                        f"expected one of {LR_SCHEDULES}")
     base, total = config.learning_rate, config.num_epochs * steps_per_epoch
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if warmup >= total and config.lr_schedule != "constant":
-        raise ValueError(f"warmup_epochs={config.warmup_epochs} leaves none of the "
-                         f"{config.num_epochs} epochs to the {config.lr_schedule} decay")
+        raise UserError(f"warmup_epochs={config.warmup_epochs} leaves none of the "
+                        f"{config.num_epochs} epochs to the {config.lr_schedule} decay")
     decay = _decay(config, base, total - warmup, steps_per_epoch)
     if warmup == 0:
         return decay

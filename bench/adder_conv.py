@@ -292,7 +292,9 @@ def check(impls, batch: int, report: Report) -> set[str]:
 
             try:
                 actual = [np.asarray(a, np.float64) for a in value_and_grads(x, kernel, ct)]
-            except Exception as error:  # a kernel that does not compile here: report, go on
+            # Any failure of one implementation (a Pallas LoweringError is a bare Exception)
+            # is reported with its traceback; the other implementations go on.
+            except Exception as error:  # pylint: disable=broad-except
                 failed.add(impl.label)
                 report(f"| {layer.name()} | {impl.label} | error: {short_error(error)} | | |")
                 traceback.print_exc()
@@ -346,7 +348,8 @@ def main():
     if args.check_batch > 0:
         try:
             failed = check(impls, args.check_batch, report)
-        except Exception as error:  # the check is no reason to lose the timings
+        # The check is no reason to lose the timings; its traceback is printed.
+        except Exception as error:  # pylint: disable=broad-except
             report(f"correctness check failed: {short_error(error)}\n")
             traceback.print_exc()
 
@@ -382,7 +385,8 @@ def main():
                                   args.min_sample_ms)
                     fb = time_ms(jax.jit(fwd_bwd(forward)), inputs, args.repeats,
                                  args.min_sample_ms)
-                except Exception as error:  # e.g. a kernel that does not compile: go on
+                # As in check(): a kernel that fails here is reported, the rest go on.
+                except Exception as error:  # pylint: disable=broad-except
                     report(f"| {layer.name()} | {batch} | {impl.label} | error: "
                            f"{short_error(error)} | | | | | | |")
                     traceback.print_exc()

@@ -15,21 +15,26 @@ import dataclasses
 
 from awn_jax.data import image_folder, synthetic, tfds_source
 from awn_jax.data.pipeline import Dataset, DatasetInfo
+from awn_jax.errors import UserError
 
 _LOADERS = {
     **{name: tfds_source.load for name in tfds_source.DATASETS},
     "image_folder": image_folder.load,
     "synthetic": synthetic.load,
 }
+DATASET_NAMES = tuple(sorted(_LOADERS))
+# config.normalization: the source's own statistics, or a TFDS dataset's official ones.
+NORMALIZATIONS = ("dataset", *tfds_source.DATASETS)
 
-__all__ = ["Dataset", "DatasetInfo", "dataset_for_run", "get_dataset"]
+__all__ = ["DATASET_NAMES", "Dataset", "DatasetInfo", "NORMALIZATIONS", "dataset_for_run",
+           "get_dataset"]
 
 
 def get_dataset(config):
     """The dataset named by config.dataset, with its augmentation and sizes from config."""
     if config.dataset not in _LOADERS:
-        raise ValueError(f"unknown dataset {config.dataset!r}; set --config.dataset to one of "
-                         f"{', '.join(sorted(_LOADERS))}")
+        raise UserError(f"unknown dataset {config.dataset!r}; set --config.dataset to one of "
+                        f"{', '.join(DATASET_NAMES)}")
     info, train, test = _LOADERS[config.dataset](config)
     info = _with_normalization(info, config.normalization)
     return Dataset(info, train, test, seed=config.seed,
@@ -52,8 +57,8 @@ def _with_normalization(info, normalization):
     CIFAR-10 read from a folder normalizes exactly as the official recipe does."""
     if normalization == "dataset":
         return info
-    if normalization not in tfds_source.DATASETS:
-        raise ValueError(f"unknown normalization {normalization!r}; expected 'dataset' or one "
-                         f"of {', '.join(tfds_source.DATASETS)}")
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {normalization!r}; expected one of "
+                        f"{', '.join(NORMALIZATIONS)}")
     spec = tfds_source.DATASETS[normalization]
     return dataclasses.replace(info, mean=spec.mean, std=spec.std)

@@ -17,6 +17,7 @@ from absl import logging
 from PIL import Image
 
 from awn_jax.data import pipeline
+from awn_jax.errors import MissingDataError, UserError
 
 SPLITS = ("train", "test")
 SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -50,7 +51,7 @@ def load_test(config, info):
     root = pathlib.Path(config.data_dir).expanduser()
     _check_layout(root, splits=("test",))
     if not info.class_names:
-        raise ValueError("image_folder: the run saved no class names; the train split at "
+        raise UserError("image_folder: the run saved no class names; the train split at "
                          f"{root / 'train'} is needed to label the test images")
     images, labels = _cached_split(root / "test", list(info.class_names), config.image_size)
     return pipeline.ArraySplit(images, labels)
@@ -59,7 +60,7 @@ def load_test(config, info):
 def _check_layout(root, splits=SPLITS):
     for split in splits:
         if not (root / split).is_dir():
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"image_folder: no directory {root / split}; expected "
                 f"<data_dir>/{{train,test}}/<class>/*.jpg|png, set --config.data_dir to its root")
 
@@ -68,7 +69,7 @@ def _list_files(split_dir, classes):
     """(os.DirEntry, label) of every image, in class order then file-name order."""
     unknown = sorted({d.name for d in split_dir.iterdir() if d.is_dir()} - set(classes))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"image_folder: classes {unknown} in {split_dir} are not in the train split")
     files = []
     for label, name in enumerate(classes):
@@ -82,7 +83,7 @@ def _cached_split(split_dir, classes, image_size):
     """Decoded (images, labels) of one split, from the cache when no file has changed."""
     files = _list_files(split_dir, classes)
     if not files:
-        raise FileNotFoundError(f"image_folder: no {'/'.join(SUFFIXES)} images under {split_dir}")
+        raise MissingDataError(f"image_folder: no {'/'.join(SUFFIXES)} images under {split_dir}")
     cache = _cache_path(split_dir, files, image_size)
     if cache.exists():
         with np.load(cache) as arrays:
@@ -98,11 +99,15 @@ def _cached_split(split_dir, classes, image_size):
 
 
 def _decode(path, size):
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image)
+    except OSError as error:  # not an image, or a truncated one
+        raise UserError(f"image_folder: cannot read {path} ({error}); replace or remove "
+                        "it") from error
 
 
 def _cache_path(split_dir, files, image_size):

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from awn_jax.data import transforms
+from awn_jax.errors import UserError
 
 # Distinct streams of randomness derived from (seed, epoch).
 _ORDER, _CROPS, _EXAMPLE = 0, 1, 2
@@ -129,8 +130,8 @@ class Dataset:
         self._train_indices = np.arange(info.num_train)
         if num_train_examples:
             if num_train_examples > info.num_train:
-                raise ValueError(f"num_train_examples={num_train_examples} exceeds the "
-                                 f"{info.num_train} training examples of {info.name}")
+                raise UserError(f"num_train_examples={num_train_examples} exceeds the "
+                                f"{info.num_train} training examples of {info.name}")
             subset = np.random.default_rng([_FIXED_SEED, _SUBSET]).permutation(info.num_train)
             self._train_indices = np.sort(subset[:num_train_examples])
             info = dataclasses.replace(info, num_train=num_train_examples)
@@ -145,14 +146,14 @@ class Dataset:
         """Full batches per epoch; the remainder of the shuffled train split is dropped."""
         steps = self.info.num_train // global_batch_size
         if steps == 0:
-            raise ValueError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
-                             f"training examples of {self.info.name}; lower --config.batch_size")
+            raise UserError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
+                            f"training examples of {self.info.name}; lower --config.batch_size")
         return steps
 
     def train_batches(self, epoch, global_batch_size, *, process_index=0, process_count=1):
         """This process's slice of each global train batch of `epoch`, shuffled and augmented."""
         if self._train is None:
-            raise ValueError(f"{self.info.name}: this dataset was loaded without its train split")
+            raise UserError(f"{self.info.name}: this dataset was loaded without its train split")
         local = _local_batch_size(global_batch_size, process_count)
         order = np.random.default_rng([self._seed, epoch, _ORDER]).permutation(self.info.num_train)
         order = self._train_indices[order]
@@ -195,8 +196,8 @@ def channel_stats(images):
 
 def _local_batch_size(global_batch_size, process_count):
     if global_batch_size % process_count:
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                         f"{process_count} processes; choose a multiple of {process_count}")
+        raise UserError(f"batch size {global_batch_size} is not divisible by the "
+                        f"{process_count} processes; choose a multiple of {process_count}")
     return global_batch_size // process_count
 
 

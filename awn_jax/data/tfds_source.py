@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from awn_jax.data import pipeline, transforms
+from awn_jax.errors import MissingDataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +60,10 @@ def _prepared_builder(name, data_dir):
         _keep_tensorflow_off_accelerators()
         try:
             builder.download_and_prepare()
-        except Exception as error:  # network, manual-download and missing-package errors alike
-            raise FileNotFoundError(
+        # Network and file errors, a package TFDS's builder needs, a manual download not in
+        # place (TFDS raises AssertionError for it) and a failed download.
+        except (OSError, ImportError, AssertionError, tfds.download.DownloadError) as error:
+            raise MissingDataError(
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
                 f"failed ({type(error).__name__}: {error}). Prepare it first, e.g. "
                 f"`tfds build {name} --file_format=array_record --data_dir=DIR` on a machine "
@@ -72,7 +75,7 @@ def _data_source(builder, split):
     try:
         return builder.as_data_source(split=split)
     except NotImplementedError as error:  # prepared as TFRecord, which has no random access
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"TFDS dataset {builder.name!r} in {builder.data_dir} has no ArrayRecord files; "
             f"rebuild it with `tfds build {builder.name} --file_format=array_record`") from error
 

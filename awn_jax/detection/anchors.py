@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from awn_jax.errors import UserError
+
 FPN_STRIDES = (4, 8, 16, 32, 64)  # P2 .. P6
 
 
@@ -20,8 +22,8 @@ def level_shapes(image_size: int, strides: Sequence[int] = FPN_STRIDES):
     """Feature map side per level for a square input of ``image_size`` (a multiple of the
     largest stride, so every level divides it exactly)."""
     if image_size % max(strides):
-        raise ValueError(f"image_size {image_size} must be a multiple of {max(strides)} "
-                         "(the stride of P6)")
+        raise UserError(f"image_size {image_size} must be a multiple of {max(strides)} "
+                        "(the stride of P6)")
     return tuple(image_size // stride for stride in strides)
 
 

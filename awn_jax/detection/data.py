@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from awn_jax.detection import synthetic
+from awn_jax.errors import UserError
 
 # ImageNet statistics: the backbone is an ImageNet ResNet-18 and normalizes with them.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -59,11 +60,11 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
 def _check_example(example, index):
     boxes, labels, difficult = example["boxes"], example["labels"], example["difficult"]
     if boxes.ndim != 2 or boxes.shape[1] != 4 or not len(boxes) == len(labels) == len(difficult):
-        raise ValueError(f"example {index}: malformed annotation (boxes {boxes.shape}, "
-                         f"labels {labels.shape}, difficult {difficult.shape})")
+        raise UserError(f"example {index}: malformed annotation (boxes {boxes.shape}, "
+                        f"labels {labels.shape}, difficult {difficult.shape})")
     if example["image"].ndim != 3 or example["image"].shape[-1] != 3:
-        raise ValueError(f"example {index}: image must be (h, w, 3), got "
-                         f"{example['image'].shape}")
+        raise UserError(f"example {index}: image must be (h, w, 3), got "
+                        f"{example['image'].shape}")
 
 
 class DetectionDataset:
@@ -72,15 +73,15 @@ class DetectionDataset:
     def __init__(self, info: DetectionInfo, train, test, *, seed: int, min_size: int,
                  max_size: int, random_flip: bool, num_train_examples: int = 0):
         if max_size > info.image_size:
-            raise ValueError(f"max_size {max_size} exceeds image_size {info.image_size}: "
-                             "resized images would not fit the canvas")
+            raise UserError(f"max_size {max_size} exceeds image_size {info.image_size}: "
+                            "resized images would not fit the canvas")
         if not 0 < min_size <= max_size:
-            raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
+            raise UserError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
         self._train_indices = np.arange(info.num_train)
         if num_train_examples:
             if num_train_examples > info.num_train:
-                raise ValueError(f"num_train_examples={num_train_examples} exceeds the "
-                                 f"{info.num_train} training examples of {info.name}")
+                raise UserError(f"num_train_examples={num_train_examples} exceeds the "
+                                f"{info.num_train} training examples of {info.name}")
             subset = np.random.default_rng([_FIXED_SEED, _SUBSET]).permutation(info.num_train)
             self._train_indices = np.sort(subset[:num_train_examples])
             info = dataclasses.replace(info, num_train=num_train_examples)
@@ -93,8 +94,8 @@ class DetectionDataset:
     def steps_per_epoch(self, global_batch_size: int) -> int:
         steps = self.info.num_train // global_batch_size
         if steps == 0:
-            raise ValueError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
-                             f"training examples of {self.info.name}; lower --config.batch_size")
+            raise UserError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
+                            f"training examples of {self.info.name}; lower --config.batch_size")
         return steps
 
     def train_batches(self, epoch, global_batch_size, *, process_index=0, process_count=1):
@@ -155,9 +156,9 @@ class DetectionDataset:
         # does not read them; ``truth`` has them all).
         keep = ~np.asarray(example["difficult"], bool) if train else np.zeros(len(boxes), bool)
         if keep.sum() > self.info.max_boxes:
-            raise ValueError(f"example {index} of {self.info.name} has {keep.sum()} boxes, "
-                             f"more than max_boxes={self.info.max_boxes}; raise "
-                             "--config.max_boxes")
+            raise UserError(f"example {index} of {self.info.name} has {keep.sum()} boxes, "
+                            f"more than max_boxes={self.info.max_boxes}; raise "
+                            "--config.max_boxes")
         size, slots = self.info.image_size, self.info.max_boxes
         canvas = np.zeros((size, size, 3), np.uint8)
         canvas[:new_h, :new_w] = image
@@ -185,8 +186,8 @@ def _stack(examples):
 
 def _local_batch_size(global_batch_size, process_count):
     if global_batch_size % process_count:
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                         f"{process_count} processes; choose a multiple of {process_count}")
+        raise UserError(f"batch size {global_batch_size} is not divisible by the "
+                        f"{process_count} processes; choose a multiple of {process_count}")
     return global_batch_size // process_count
 
 
@@ -211,8 +212,8 @@ _LOADERS = {"synthetic": _load_synthetic, "voc": _load_voc}
 def get_dataset(config) -> DetectionDataset:
     """The detection dataset named by ``config.dataset`` (``voc`` or ``synthetic``)."""
     if config.dataset not in _LOADERS:
-        raise ValueError(f"unknown detection dataset {config.dataset!r}; set "
-                         f"--config.dataset to one of {', '.join(sorted(_LOADERS))}")
+        raise UserError(f"unknown detection dataset {config.dataset!r}; set "
+                        f"--config.dataset to one of {', '.join(sorted(_LOADERS))}")
     info, train, test = _LOADERS[config.dataset](config)
     return DetectionDataset(info, train, test, seed=config.seed, min_size=config.min_size,
                             max_size=config.max_size, random_flip=config.random_flip,

@@ -18,6 +18,7 @@ from flax import nnx
 
 from awn_jax.detection import anchors, roi_heads, rpn
 from awn_jax.detection.fpn import FPN, Backbone
+from awn_jax.errors import UserError
 from awn_jax.nn import create_model
 from awn_jax.nn.layers import check_layer_type
 from awn_jax.nn.resnet import ResNet
@@ -150,8 +151,8 @@ def build_detector(config, info, resnet: ResNet | None = None) -> FasterRCNN:
     model); by default a fresh ``config.model`` from ``config.seed``."""
     check_layer_type(config.layer_type)
     if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute_dtype {config.compute_dtype!r}; "
-                         f"expected one of {tuple(COMPUTE_DTYPES)}")
+        raise UserError(f"unknown compute_dtype {config.compute_dtype!r}; "
+                        f"expected one of {tuple(COMPUTE_DTYPES)}")
     eta = config.eta if config.eta > 0 else None
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     rngs = nnx.Rngs(config.seed)

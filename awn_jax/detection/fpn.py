@@ -29,6 +29,7 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
+from awn_jax.errors import UserError
 from awn_jax.nn.batchnorm import BatchNorm
 from awn_jax.nn.layers import Conv2d
 from awn_jax.nn.resnet import ResNet
@@ -44,8 +45,8 @@ class Backbone(nnx.Module):
 
     def __init__(self, resnet: ResNet):
         if not resnet.imagenet_stem:
-            raise ValueError("the detection backbone needs an ImageNet ResNet (resnet18 or "
-                             "resnet50): its stem reduces by 4 before C2")
+            raise UserError("the detection backbone needs an ImageNet ResNet (resnet18 or "
+                            "resnet50): its stem reduces by 4 before C2")
         self.mean, self.std = resnet.mean, resnet.std
         self.stem_conv, self.stem_bn, self.stages = resnet.stem_conv, resnet.stem_bn, resnet.stages
         self.out_channels = tuple(stage[-1].expansion * stage[-1].bn1.num_features

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from awn_jax.errors import UserError
+
 SHAPES = ("square", "disk", "triangle", "diamond")
 PALETTE = np.array([[0.95, 0.2, 0.2], [0.2, 0.9, 0.3], [0.25, 0.4, 1.0], [1.0, 0.85, 0.1],
                     [0.9, 0.3, 0.95], [0.1, 0.9, 0.95], [1.0, 0.55, 0.1], [0.95, 0.95, 0.95]])
@@ -91,10 +93,10 @@ class SyntheticSplit:
     def __init__(self, seed: int, stream: int, count: int, size: int, num_classes: int,
                  max_objects: int):
         if not 1 <= num_classes <= MAX_CLASSES:
-            raise ValueError(f"synthetic_num_classes must be in [1, {MAX_CLASSES}], "
-                             f"got {num_classes}")
+            raise UserError(f"synthetic_num_classes must be in [1, {MAX_CLASSES}], "
+                            f"got {num_classes}")
         if max_objects < 1:
-            raise ValueError(f"synthetic_max_objects must be >= 1, got {max_objects}")
+            raise UserError(f"synthetic_max_objects must be >= 1, got {max_objects}")
         rng = np.random.default_rng([seed, 0xDE7EC7, stream])
         self._examples = [draw_example(rng, size, num_classes, max_objects)
                           for _ in range(count)]

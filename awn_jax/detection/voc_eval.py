@@ -25,12 +25,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from awn_jax.errors import UserError
+
 AP_METRICS = ("11-point", "all-point")
 
 
 def check_ap_metric(metric: str) -> str:
     if metric not in AP_METRICS:
-        raise ValueError(f"unknown AP metric {metric!r}; expected one of {AP_METRICS}")
+        raise UserError(f"unknown AP metric {metric!r}; expected one of {AP_METRICS}")
     return metric
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from awn_jax.errors import UserError
+
 BN_MODES = ("train", "tracked", "running-mean", "running")
 """``train``: batch mean and variance, running averages updated.
 ``tracked``: running mean and variance (ordinary inference).
@@ -26,9 +28,9 @@ BN_MODES = ("train", "tracked", "running-mean", "running")
 
 
 def check_bn_mode(mode: str) -> str:
-    """Return ``mode`` if it is one of :data:`BN_MODES`, else raise ValueError."""
+    """Return ``mode`` if it is one of :data:`BN_MODES`, else raise UserError."""
     if mode not in BN_MODES:
-        raise ValueError(f"unknown BatchNorm mode {mode!r}; expected one of {BN_MODES}")
+        raise UserError(f"unknown BatchNorm mode {mode!r}; expected one of {BN_MODES}")
     return mode
 
 

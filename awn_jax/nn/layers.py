@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from awn_jax.errors import UserError
 from awn_jax.ops import adaptive_normalize, adder_conv2d, standardize
 
 LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")
@@ -37,9 +38,9 @@ class AWNParam(nnx.Param):
 
 
 def check_layer_type(layer_type: str) -> str:
-    """Return ``layer_type`` if it is one of :data:`LAYER_TYPES`, else raise ValueError."""
+    """Return ``layer_type`` if it is one of :data:`LAYER_TYPES`, else raise UserError."""
     if layer_type not in LAYER_TYPES:
-        raise ValueError(f"unknown layer_type {layer_type!r}; expected one of {LAYER_TYPES}")
+        raise UserError(f"unknown layer_type {layer_type!r}; expected one of {LAYER_TYPES}")
     return layer_type
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from awn_jax.errors import UserError
 from awn_jax.nn.batchnorm import BatchNorm
 from awn_jax.nn.layers import Conv2d, check_layer_type
 
@@ -178,7 +179,7 @@ def create_model(name: str, *, num_classes: int, layer_type: str, mean: Sequence
                  compute_dtype=jnp.float32, rngs: nnx.Rngs) -> ResNet:
     """Build one of :data:`ARCHITECTURES` by name."""
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; expected one of {tuple(ARCHITECTURES)}")
+        raise UserError(f"unknown model {name!r}; expected one of {tuple(ARCHITECTURES)}")
     block, stage_sizes, stage_widths, imagenet_stem = ARCHITECTURES[name]
     return ResNet(block, stage_sizes, stage_widths, imagenet_stem=imagenet_stem,
                   num_classes=num_classes, layer_type=layer_type, mean=mean, std=std,

@@ -140,7 +140,10 @@ def _load() -> dict:
                     jax.ffi.register_ffi_target(
                         name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
                 _status.update(available=True, reason="", library=library, path=path)
-            except Exception as error:  # no compiler, failed build or load: use XLA instead
+            # No compiler or a failed build (RuntimeError, a compiler that hangs), a library
+            # that does not load (OSError) or lacks a kernel (AttributeError), a rejected
+            # FFI registration (JAX's runtime errors are RuntimeErrors): use XLA instead.
+            except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as error:
                 _status.update(available=False, reason=f"{type(error).__name__}: {error}")
         if not _status["available"]:
             _log.warning("awn_jax native adder kernels unavailable (pure-XLA path used "

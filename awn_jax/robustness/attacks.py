@@ -65,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from awn_jax.errors import UserError
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 DEFAULT_EPS = 8 / 255
@@ -87,7 +89,7 @@ def _dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
     model cannot hide behind large or tiny logits; needs at least 3 classes."""
     logits = logits.astype(jnp.float32)
     if logits.shape[-1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[-1]}")
+        raise UserError(f"the DLR loss needs at least 3 classes, got {logits.shape[-1]}")
     top = jnp.sort(logits, axis=-1)[..., ::-1]
     return -_margin(logits, labels) / (top[..., 0] - top[..., 2] + 1e-12)
 
@@ -128,7 +130,7 @@ def _check_steps(steps) -> int:
     except TypeError:
         raise TypeError(f"steps must be a Python int (it is static), got {steps!r}") from None
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise UserError(f"steps must be >= 0, got {steps}")
     return steps
 
 
@@ -250,7 +252,7 @@ def _rademacher_start(key, x, alpha, name):
 
 def _check_alpha(eps, alpha, name):
     if isinstance(eps, numbers.Real) and isinstance(alpha, numbers.Real) and alpha > eps:
-        raise ValueError(f"{name}: step_size (alpha) = {alpha} must not exceed eps = {eps}")
+        raise UserError(f"{name}: step_size (alpha) = {alpha} must not exceed eps = {eps}")
 
 
 def rfgsm(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_EPS,
@@ -334,7 +336,7 @@ def _apgd_run(logits_fn: LogitsFn, images, labels, *, key, eps, steps, loss="ce"
     x, labels = _check_inputs(images, labels)
     n_iter = _check_steps(steps)
     if n_iter < 1:
-        raise ValueError(f"{name} needs steps >= 1")
+        raise UserError(f"{name} needs steps >= 1")
     batch = x.shape[0]
     reduce_axes = tuple(range(1, x.ndim))
 
@@ -517,7 +519,7 @@ def square(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_EPS,
         raise ValueError(f"square needs NHWC images, got shape {x.shape}")
     batch, height, width, channels = x.shape
     if _check_steps(steps) < 1:
-        raise ValueError("square needs a budget (steps) of at least 1 query")
+        raise UserError("square needs a budget (steps) of at least 1 query")
     sides = jnp.asarray(square_sides(steps, height, width, p_init), jnp.int32)
     key_start, key_loop = jax.random.split(_require_key(key, "square"))
     stripes = jax.random.rademacher(key_start, (batch, 1, width, channels), x.dtype)
@@ -569,9 +571,9 @@ _NO_STEP_SIZE = ("fgsm", "apgd-ce", "apgd-dlr", "square")
 
 
 def check_attack_name(name: str) -> str:
-    """Return ``name`` if it is a known attack, else raise ValueError listing them."""
+    """Return ``name`` if it is a known attack, else raise UserError listing them."""
     if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
+        raise UserError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
     return name
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from awn_jax.errors import UserError
 from awn_jax.robustness.attacks import _check_steps, _project
 
 
@@ -106,10 +107,10 @@ class EOTPartners:
     def __call__(self, logits_fn, batch, labels, key, eps, step_size, pool):
         k, steps = self.attacked, _check_steps(self.steps)
         if not 1 <= k < batch.shape[0]:
-            raise ValueError(f"EOT needs 1 <= attacked < batch size, got {k} of "
-                             f"{batch.shape[0]}")
+            raise UserError(f"EOT needs 1 <= attacked < batch size, got {k} of "
+                            f"{batch.shape[0]}")
         if self.draws < 1:
-            raise ValueError(f"EOT needs draws >= 1, got {self.draws}")
+            raise UserError(f"EOT needs draws >= 1, got {self.draws}")
         x, y, pool = batch[:k], labels[:k], jnp.asarray(pool)
         num_partners = batch.shape[0] - k
         key_start, key_steps = jax.random.split(key)

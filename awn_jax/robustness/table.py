@@ -44,7 +44,7 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                 key = jax.random.fold_in(jax.random.key(seed), position)
                 correct = 0
                 for part, (rows, size) in enumerate(parts):
-                    if size:  # the smaller last batch gets keys of its own
+                    if labels[rows].size:  # the smaller last batch gets keys of its own
                         predictions = run.evaluator.predictions(
                             images[rows], labels[rows], batch_size=size, bn_mode=mode,
                             attack=attack, attack_args=args,

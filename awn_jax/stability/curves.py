@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from awn_jax.errors import UserError
 from awn_jax.reports import new_figure
 from awn_jax.stability.common import run_label, unique_labels
 from awn_jax.training import checkpointing
@@ -30,7 +31,7 @@ def collect(workdirs) -> list[dict]:
         labels.append(run_label(checkpointing.load_config_dict(workdir)))
         metrics.append(read_metrics(workdir))
         if not metrics[-1]:
-            raise ValueError(f"{workdir} has no metrics.jsonl (or it is empty)")
+            raise UserError(f"{workdir} has no metrics.jsonl (or it is empty)")
     out = []
     for label, workdir, rows in zip(unique_labels(labels, workdirs), workdirs, metrics):
         series = {key: [row.get(key) for row in rows] for key in ("epoch",) + SERIES}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from awn_jax.errors import UserError
 from awn_jax.model import named_leaves, with_bn_mode
 from awn_jax.nn import Conv2d
 from awn_jax.reports import new_figure
@@ -122,7 +123,7 @@ def feature_summary(run, images, layers, *, bn_mode="tracked", max_values=200_00
         nnx.merge(run.graphdef, run.params, run.batch_stats)))
     unknown = sorted(set(layers) - set(names))
     if unknown:
-        raise ValueError(f"unknown layers {unknown}; the layers are {list(names)}")
+        raise UserError(f"unknown layers {unknown}; the layers are {list(names)}")
     graphdef = with_bn_mode(run.graphdef, run.params, run.batch_stats, bn_mode)
     stats, kept = jax.device_get(_pre_bn_features(graphdef, names, tuple(layers), run.params,
                                                   run.batch_stats, images))
@@ -212,7 +213,7 @@ def analyze_run(runs, *, layers=None, num_images=256, bn_mode="tracked", bins=60
                            **bn_mean_shift(previous[1], run.batch_stats)})
         previous = (run.epoch, run.batch_stats)
     if not epochs:
-        raise ValueError("no checkpoints to analyze")
+        raise UserError("no checkpoints to analyze")
     histograms = {}
     for name, per_epoch in samples.items():
         low = min(float(v.min()) for v in per_epoch)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from awn_jax.errors import UserError
 from awn_jax.evaluation import Evaluator
 from awn_jax.model import apply_model
 from awn_jax.nn import BatchNorm, set_bn_mode
@@ -65,7 +66,7 @@ def reestimate_bn(graphdef, params, batch_stats, batches):
     per_batch = [jax.device_get(_batch_statistics(stats_graphdef, params, batch_stats,
                                                   batch["image"])) for batch in batches]
     if not per_batch:
-        raise ValueError("re-estimating BN statistics needs at least one training batch")
+        raise UserError("re-estimating BN statistics needs at least one training batch")
     return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_batch)
 
 
@@ -79,11 +80,11 @@ def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "inter
     the run's own batch size) of the epoch after ``run_b``'s.
     """
     if bn_stats not in BN_STATS:
-        raise ValueError(f"unknown bn_stats {bn_stats!r}; expected one of {BN_STATS}")
+        raise UserError(f"unknown bn_stats {bn_stats!r}; expected one of {BN_STATS}")
     if num_points < 0:
-        raise ValueError(f"num_points must be >= 0, got {num_points}")
+        raise UserError(f"num_points must be >= 0, got {num_points}")
     if dict(run_a.config) != dict(run_b.config):
-        raise ValueError("interpolation needs two checkpoints of the same run (same config)")
+        raise UserError("interpolation needs two checkpoints of the same run (same config)")
     alphas = np.linspace(0.0, 1.0, num_points + 2)
     evaluator = Evaluator(run_a.graphdef, run_a.params, run_a.batch_stats)
     test = list(run_a.dataset.test_batches(batch_size, num_examples=num_examples))

@@ -14,13 +14,15 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from awn_jax.errors import UserError
+
 # Keys that may change between the runs of one workdir (extending or re-evaluating a run).
 RESUMABLE_CHANGES = frozenset({
     "num_epochs", "workdir", "log_every_steps", "eval_batch_size", "eval_bn_mode",
     "max_checkpoints_to_keep", "num_devices", "data_dir"})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint or workdir that cannot be used; nothing in it was changed."""
 
 
@@ -33,8 +35,16 @@ def load_config_dict(workdir: str) -> dict:
     path = _config_path(workdir)
     if not os.path.exists(path):
         raise CheckpointError(f"{workdir} holds no config.json: not a training workdir")
+    return _read_json(path)
+
+
+def _read_json(path: str):
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{path} is damaged ({error}); restore it or use another "
+                                  "--workdir") from error
 
 
 def check_or_save_config(config, workdir: str) -> None:
@@ -74,8 +84,7 @@ def load_dataset_info(workdir: str) -> dict | None:
     path = _dataset_info_path(workdir)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
 
 
 def make_manager(workdir: str, max_to_keep: int = 0) -> ocp.CheckpointManager:
@@ -94,7 +103,10 @@ def restore(manager: ocp.CheckpointManager, epoch: int, target):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
         return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-    except Exception as error:  # Orbax raises many types; all mean "unusable".
+    # What Orbax and TensorStore raise for a checkpoint they cannot use: ValueError for
+    # unparsable metadata, missing or damaged arrays and another model's tree or shapes;
+    # OSError for a file that cannot be read.
+    except (ValueError, OSError) as error:
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise CheckpointError(
             f"cannot restore the checkpoint of epoch {epoch} in {manager.directory} "
