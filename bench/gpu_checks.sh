@@ -65,8 +65,8 @@ cat "$out/train_step_gpu.txt"
 fi
 if [[ $phases == *3* ]]; then
 log "phase 3: evaluation (parallel processes)"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_adder_pallas.py \
-  -k compiled_gpu > "$out/eval/pytest_compiled_gpu.log" 2>&1 &
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_adder.py \
+  -k pallas_compiled_gpu > "$out/eval/pytest_compiled_gpu.log" 2>&1 &
 evaluate() { local name=$1; shift
   timeout 240 python3 evaluate.py --data-dir "$data" --output-dir "$out/eval/$name" "$@" \
     > "$out/eval/$name.log" 2>&1; echo "$name: exit $?"; }
