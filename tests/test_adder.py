@@ -23,11 +23,19 @@ import pytest
 import adder_cases
 from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
 from adder_cases import assert_close, assert_matches_reference
-from awn_jax.ops import adder, adder_native, adder_pallas, adder_xla, reference
+from awn_jax.ops import adder, adder_native, adder_xla, reference
+
+try:
+    from awn_jax.ops import adder_pallas
+except ImportError:  # a JAX without the Pallas Triton lowering: auto falls back to XLA
+    adder_pallas = None
 
 needs_native = pytest.mark.skipif(
     not adder_native.is_available(),
     reason=f"native adder kernels unavailable: {adder_native.unavailable_reason()}")
+needs_pallas = pytest.mark.skipif(
+    adder_pallas is None, reason="awn_jax.ops.adder_pallas does not import (this JAX has no "
+    "Pallas Triton lowering)")
 
 # (batch, height, width, cin, cout, kernel_size, stride, padding), per implementation.
 GRIDS = {
@@ -73,14 +81,16 @@ GRIDS = {
         (2, 5, 7, 3, 2, (1, 3), 2, 2),    # odd rows read by no tap
     ],
 }
-SMALL = adder_pallas.Tiles(pixels=16, channels=4, accumulator=128, warps=1)
-PALLAS_TILES = [adder_pallas.Tiles(), SMALL, adder_pallas.Tiles(), SMALL, SMALL,
-                adder_pallas.Tiles(), SMALL, SMALL, adder_pallas.Tiles()]
-MARKS = {"xla": (), "native": (needs_native,), "pallas": ()}
+if adder_pallas is not None:
+    SMALL = adder_pallas.Tiles(pixels=16, channels=4, accumulator=128, warps=1)
+    PALLAS_TILES = [adder_pallas.Tiles(), SMALL, adder_pallas.Tiles(), SMALL, SMALL,
+                    adder_pallas.Tiles(), SMALL, SMALL, adder_pallas.Tiles()]
+MARKS = {"xla": (), "native": (needs_native,), "pallas": (needs_pallas,)}
 
 
 def _params(*pairs):
-    """pytest params ``(implementation, *values)``, the native ones skipped without kernels."""
+    """pytest params ``(implementation, *values)``, skipped where that implementation is
+    missing (native: no compiler; Pallas: a JAX without its Triton lowering)."""
     return [pytest.param(name, *values, marks=MARKS[name], id="-".join(map(str, (name, *values))))
             for name, *values in pairs]
 
@@ -278,6 +288,7 @@ def test_native_unavailable_without_compiler_or_when_disabled(env, tmp_path):
 
 # --------------------------------------------------------------------------------- Pallas
 
+@needs_pallas
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_pallas_phase_classes_list_exactly_the_taps_that_read_each_input(stride):
     """Every (input position, kernel offset, output position) of one axis, from the phase
@@ -300,6 +311,7 @@ def test_pallas_phase_classes_list_exactly_the_taps_that_read_each_input(stride)
         assert listed == expected, (size, k, padding)
 
 
+@needs_pallas
 def test_pallas_bad_tiles_give_a_clear_error():
     x, kernel, _, _, _ = _inputs(GRIDS["pallas"][0], jnp.float32)
     pallas_conv2d = functools.partial(adder.adder_conv2d, implementation="pallas")
@@ -309,6 +321,7 @@ def test_pallas_bad_tiles_give_a_clear_error():
         pallas_conv2d(x, kernel, input_grad_tiles=adder_pallas.Tiles(warps=3))
 
 
+@needs_pallas
 def test_pallas_input_gradient_tiles_of_its_own():
     """Other tiles for the input-gradient kernel only: same values and gradients."""
     x, kernel, g, stride, padding = _inputs(GRIDS["pallas"][2], jnp.float32)
@@ -323,6 +336,7 @@ def test_pallas_input_gradient_tiles_of_its_own():
                                 atol=1e-5)
 
 
+@needs_pallas
 def test_pallas_interpret_default_follows_backend_and_environment(monkeypatch):
     monkeypatch.delenv("AWN_PALLAS_INTERPRET", raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -337,6 +351,7 @@ def test_pallas_interpret_default_follows_backend_and_environment(monkeypatch):
     assert adder_pallas.resolve_interpret(True) is True
 
 
+@needs_pallas
 @pytest.mark.parametrize("kernel_size, stride, padding, phase_classes", [
     (3, 2, 1, 4),
     (1, 2, 0, 1),   # classes with an odd row or column: no tap reads them, no launch
@@ -360,6 +375,7 @@ def test_pallas_kernels_lower_to_triton_for_cuda(kernel_size, stride, padding, p
     assert len([t for t in targets if "triton" in t]) == 1 + phase_classes
 
 
+@needs_pallas
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
 @pytest.mark.parametrize("index", range(len(GRIDS["pallas"])))
 def test_pallas_compiled_gpu_kernels_match_reference(index):
@@ -398,6 +414,7 @@ def _fake_native(available, calls):
     return module
 
 
+@needs_pallas
 @pytest.mark.parametrize("backend, native, expected", [
     ("gpu", "available", "pallas"),
     ("gpu", "absent", "pallas"),
@@ -428,6 +445,7 @@ def test_environment_overrides_auto_only(monkeypatch):
         adder.resolve_implementation("auto")
 
 
+@needs_pallas
 def test_auto_keeps_the_kernels_on_several_devices(monkeypatch):
     """Several devices no longer mean xla: the kernels run per batch shard under a mesh
     (tests/test_adder_sharding.py)."""
@@ -450,6 +468,7 @@ def test_gpu_without_pallas_falls_back_to_xla(monkeypatch):
         adder.adder_conv2d(x, kernel, stride, padding, implementation="pallas")
 
 
+@needs_pallas
 def test_dispatch_calls_the_chosen_implementation(monkeypatch):
     x, kernel, g, stride, padding = _inputs(GRIDS["pallas"][1], jnp.float32)
     calls = []
