@@ -27,23 +27,30 @@ _STUDY = flags.DEFINE_list("study", ["all"], f"Studies to run: {', '.join(STUDIE
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Training workdir(s), compared in one figure.")
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
 _OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write (default: first workdir).")
-_BATCH_SIZE = flags.DEFINE_integer("batch-size", 500, "Test batch size.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 500, "Test batch size.", lower_bound=1)
+_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).",
+                                     lower_bound=1)
 _BN_MODE = flags.DEFINE_string("bn-mode", "tracked", "BN mode for scoring and features.")
-_EPOCH_A = flags.DEFINE_integer("epoch-a", None, "Interpolation start (default: second last).")
-_EPOCH_B = flags.DEFINE_integer("epoch-b", None, "Interpolation end (default: last epoch).")
-_NUM_POINTS = flags.DEFINE_integer("num-points", 9, "Interpolated models between the ends.")
+_EPOCH_A = flags.DEFINE_integer("epoch-a", None, "Interpolation start (default: second last).",
+                                lower_bound=1)
+_EPOCH_B = flags.DEFINE_integer("epoch-b", None, "Interpolation end (default: last epoch).",
+                                lower_bound=1)
+_NUM_POINTS = flags.DEFINE_integer("num-points", 9, "Interpolated models between the ends.",
+                                   lower_bound=0)
 _BN_STATS = flags.DEFINE_enum("bn-stats", "both", ["interpolate", "reestimate", "both"],
                               "BN running statistics along the path (see stability.interpolation).")
 _REESTIMATE_BATCHES = flags.DEFINE_integer("reestimate-batches", 10,
-                                           "Training batches per BN re-estimation.")
+                                           "Training batches per BN re-estimation.", lower_bound=1)
 _EPOCHS = flags.DEFINE_list("epochs", None, "Epochs for distributions (default: all saved).")
 _LAYERS = flags.DEFINE_list("layers", None, "Layers for feature histograms, e.g. "
                             "stages.0.0.conv1 (default: first and last in the stages).")
-_FEATURE_IMAGES = flags.DEFINE_integer("feature-images", 256, "Test images for features.")
-_BINS = flags.DEFINE_integer("bins", 60, "Histogram bins.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of feature sampling and the Monte Carlo.")
-_THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo draws per check.")
+_FEATURE_IMAGES = flags.DEFINE_integer("feature-images", 256, "Test images for features.",
+                                       lower_bound=1)
+_BINS = flags.DEFINE_integer("bins", 60, "Histogram bins.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of feature sampling and the Monte Carlo.",
+                             lower_bound=0)
+_THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo draws per check.",
+                                       lower_bound=1)
 
 
 def _studies() -> list[str]:

@@ -54,15 +54,18 @@ _ATTACK = flags.DEFINE_string(
     "paper's settings (--eps/--steps/--step-size are for the table and the sweeps).")
 _BN_MODE = flags.DEFINE_list("bn-mode", ["all"], "tracked | running-mean | running, or a "
                              "comma-separated list of them, or all.")
-_EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).")
-_STEPS = flags.DEFINE_integer("steps", None, "Iterations (default: per attack, as the paper).")
-_STEP_SIZE = flags.DEFINE_float("step-size", None, "Step size (default 2/255).")
+_EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).", lower_bound=0)
+_STEPS = flags.DEFINE_integer("steps", None, "Iterations (default: per attack, as the paper).",
+                              lower_bound=0)
+_STEP_SIZE = flags.DEFINE_float("step-size", None, "Step size (default 2/255).", lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch-size", None, "Evaluation batch (BN statistics!); default 500, and 128 for the "
-    "partitions and threat models of the batch study.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
-_EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the latest).")
+    "partitions and threat models of the batch study.", lower_bound=1)
+_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).",
+                                     lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.", lower_bound=0)
+_EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the latest).",
+                              lower_bound=1)
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
 _OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write the report.")
 _EPS_VALUES = flags.DEFINE_list("eps-values", [f"{e:g}" for e in studies.SWEEP_EPS],
@@ -71,14 +74,17 @@ _STEPS_VALUES = flags.DEFINE_list("steps-values", [str(s) for s in studies.SWEEP
                                   "steps-sweep: the step counts.")
 _BATCH_SIZES = flags.DEFINE_list("batch-sizes", [str(b) for b in studies.BATCH_SIZES],
                                  "batch study: the evaluation batch sizes.")
-_PARTITIONS = flags.DEFINE_integer("partitions", 5, "batch study: random partitions.")
+_PARTITIONS = flags.DEFINE_integer("partitions", 5, "batch study: random partitions.",
+                                   lower_bound=1)
 _ATTACKED = flags.DEFINE_list("attacked-per-batch", None,
                               "batch study: images the attacker controls per batch "
                               "(default: 1, 10% and all of --batch-size); strict study: "
                               "the harm curve's k (default: 1, 5%, 10%, 25%).")
 _PASSES = flags.DEFINE_integer("threat-passes", 8, "batch study: rotations of the attacked "
-                               "slots per batch (more attacked examples, more time).")
-_CHUNK = flags.DEFINE_integer("chunk-size", 512, "Studies: examples per compiled call.")
+                               "slots per batch (more attacked examples, more time).",
+                               lower_bound=1)
+_CHUNK = flags.DEFINE_integer("chunk-size", 512, "Studies: examples per compiled call.",
+                              lower_bound=1)
 _APGD_STEPS = flags.DEFINE_integer("apgd-steps", 100, "strict: APGD-CE/-DLR iterations.")
 _SQUARE_QUERIES = flags.DEFINE_integer("square-queries", 5000,
                                        "strict: Square's query budget per image.")

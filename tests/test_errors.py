@@ -144,6 +144,18 @@ def test_train_cli_prints_one_line_and_creates_no_workdir(overrides, message, tm
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["evaluate.py", "--batch-size", "0"], "error: flag --batch-size=0: 0 is not a positive "
+                                           "integer"),
+    (["analyze.py", "--num-points", "-1"], "error: flag --num-points=-1: -1 is not a "
+                                           "non-negative integer"),
+])
+def test_numeric_flags_out_of_range_are_one_clear_error(args, message):
+    result = _run(*args)
+    assert result.returncode == 1
+    assert result.stderr.startswith(message) and "Traceback" not in result.stderr
+
+
 _CLI_SCRIPT = """
 import sys
 from absl import logging
