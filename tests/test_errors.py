@@ -13,8 +13,10 @@ import sys
 
 import ml_collections
 import pytest
+from PIL import Image
 
 from awn_jax import config_checks
+from awn_jax.data import get_dataset, image_folder
 from awn_jax.errors import MissingDataError, NonFiniteLossError, UserError
 from awn_jax.reproduction import campaign
 from awn_jax.training import checkpointing, train_and_evaluate
@@ -105,6 +107,18 @@ def test_the_campaign_configs_pass(budget):
     for layer_type in campaign.CONFIGS:
         config_checks.check_config(
             campaign.run_config(layer_type, campaign.BUDGETS[budget], "/data/cifar10"))
+
+
+def test_an_unreadable_image_in_a_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(image_folder.CACHE_ENV, str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "cat" / "good.png")
+    broken = tmp_path / "train" / "cat" / "broken.png"
+    broken.write_bytes(b"not a PNG")
+    config = _with(DEFAULT, dataset="image_folder", data_dir=str(tmp_path), image_size=8)
+    with pytest.raises(UserError, match=f"cannot read {broken} .*replace or remove it"):
+        get_dataset(config)
 
 
 def test_error_types_are_user_errors_and_the_builtin_a_caller_expects():
