@@ -1,6 +1,7 @@
-"""Shared by the adder kernels' test files: the plain reference, compiled once per shape
-(op-by-op dispatch of its unrolled taps is what is slow), random inputs of a case, and the
-comparison of an implementation's value and gradients with the float64 reference."""
+"""Shared by the adder op's tests (tests/test_adder.py, tests/test_adder_sharding.py): the
+plain reference, compiled once per shape (op-by-op dispatch of its unrolled taps is what is
+slow), random inputs of a case, and the comparison of an implementation's value and
+gradients with the float64 reference."""
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,17 @@ adder_conv2d_reference_grads = jax.jit(reference.adder_conv2d_reference_grads,
 
 def inputs(case, dtype, seed=0):
     """x, kernel, cotangent g, stride, padding of a case
-    (batch, height, width, cin, cout, kernel_size, stride, padding)."""
+    (batch, height, width, cin, cout, kernel_size, stride, padding). A (kh, kw)
+    kernel_size takes the leading kh x kw taps of the square kernel of side max(kh, kw)
+    and a cotangent of the output's shape."""
     n, h, w, cin, cout, k, stride, padding = case
+    if not isinstance(k, int):
+        kh, kw = k
+        x, kernel, _, _, _ = inputs(case[:5] + (max(k),) + case[6:], dtype, seed)
+        ho = (h + 2 * padding - kh) // stride + 1
+        wo = (w + 2 * padding - kw) // stride + 1
+        g = jax.random.normal(jax.random.key(seed + 1), (n, ho, wo, cout), dtype)
+        return x, kernel[:kh, :kw], g, stride, padding
     kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, (n, h, w, cin), dtype)
     kernel = jax.random.normal(kw, (k, k, cin, cout), dtype)

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import adder_cases
 from adder_cases import adder_conv2d_reference, adder_conv2d_reference_grads
 from adder_cases import assert_close, assert_matches_reference
+from adder_cases import inputs as _inputs
 from awn_jax.ops import adder, adder_native, adder_xla, reference
 
 try:
@@ -93,20 +93,6 @@ def _params(*pairs):
     missing (native: no compiler; Pallas: a JAX without its Triton lowering)."""
     return [pytest.param(name, *values, marks=MARKS[name], id="-".join(map(str, (name, *values))))
             for name, *values in pairs]
-
-
-def _inputs(case, dtype, seed=0):
-    """:func:`adder_cases.inputs`, also for a (kh, kw) kernel_size: the leading kh x kw
-    taps of the square kernel and a cotangent of the output's shape."""
-    n, h, w, _, cout, k, stride, padding = case
-    if isinstance(k, int):
-        return adder_cases.inputs(case, dtype, seed)
-    kh, kw = k
-    x, kernel, _, _, _ = adder_cases.inputs(case[:5] + (max(k),) + case[6:], dtype, seed)
-    ho, wo = (adder.output_size(h, kh, stride, padding),
-              adder.output_size(w, kw, stride, padding))
-    g = jax.random.normal(jax.random.key(seed + 1), (n, ho, wo, cout), dtype)
-    return x, kernel[:kh, :kw], g, stride, padding
 
 
 def _conv(name, tiles=None, interpret=True):
