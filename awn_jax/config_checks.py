@@ -32,19 +32,14 @@ class Number:
     positive: bool = False
     below: float | None = None
 
-    def problem(self, value) -> str | None:
-        """What is wrong with ``value``, or None."""
+    def accepts(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return f"must be {self.describe()}"
-        if self.integer and not isinstance(value, numbers.Integral):
-            return f"must be {self.describe()}"
-        if not math.isfinite(value):
-            return f"must be {self.describe()}"
-        too_low = (self.minimum is not None and value < self.minimum) or (
-            self.positive and value <= 0)
-        if too_low or (self.below is not None and value >= self.below):
-            return f"must be {self.describe()}"
-        return None
+            return False
+        if (self.integer and not isinstance(value, numbers.Integral)) or not math.isfinite(value):
+            return False
+        if (self.positive and value <= 0) or (self.minimum is not None and value < self.minimum):
+            return False
+        return self.below is None or value < self.below
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
@@ -111,8 +106,8 @@ def config_problems(config, *, skip: Iterable[str] = ()) -> list[str]:
 
     problems = []
     for key, number in NUMBERS.items():
-        if present(key) and (problem := number.problem(config[key])):
-            problems.append(f"{key} {problem}, got {config[key]!r}")
+        if present(key) and not number.accepts(config[key]):
+            problems.append(f"{key} must be {number.describe()}, got {config[key]!r}")
     for key in BOOLEANS:
         if present(key) and not isinstance(config[key], bool):
             problems.append(f"{key} must be True or False, got {config[key]!r}")
