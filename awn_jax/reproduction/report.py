@@ -149,6 +149,17 @@ def format_curves(found) -> str:
     return "\n".join(lines)
 
 
+def format_epochs(found) -> str:
+    """Per-epoch test accuracy (%, BN tracked) and train loss of every run, side by side."""
+    names = [r["model"] for r in found]
+    lines = ["| epoch | " + " | ".join(f"{n} test acc | {n} train loss" for n in names) + " |",
+             "|" + "---|" * (1 + 2 * len(names))]
+    for i, epoch in enumerate(found[0]["epoch"]):
+        cells = [f"{100 * r['test_accuracy'][i]:.2f} | {r['train_loss'][i]:.3f}" for r in found]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _num(value):
     return "-" if value is None else f"{value:.3f}"
 
@@ -216,7 +227,8 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
         "## Fig. 2c: between two checkpoints", "",
         format_interpolation(results["interpolation"]), "",
         "![interpolation](interpolation.png)", "",
-        "## Fig. 2d: curves", "", format_curves(curve_results), "", "![curves](curves.png)", "",
+        "## Fig. 2d: curves", "", format_curves(curve_results), "",
+        format_epochs(curve_results), "", "![curves](curves.png)", "",
         "## Fig. 3: features before BatchNorm (the last layer inside the stages)", "",
         format_features(results["distributions"]), "",
         "![features](features.png) ![weights](weights.png)", "",
