@@ -203,7 +203,10 @@ def _load_synthetic(config):
 
 def _load_voc(config):
     from awn_jax.detection import voc  # here: synthetic runs need no TFDS
-    return voc.load(config)
+    names, train, test = voc.load(config)
+    info = DetectionInfo("voc", len(names), names, config.image_size, config.max_boxes,
+                         len(train), len(test))
+    return info, train, test
 
 
 _LOADERS = {"synthetic": _load_synthetic, "voc": _load_voc}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from awn_jax.data import tfds_source
-from awn_jax.detection import data
 
 TRAIN = (("voc/2007", "train+validation"), ("voc/2012", "train+validation"))
 TEST = ("voc/2007", "test")
@@ -53,12 +52,9 @@ def _source(name, split, data_dir):
 
 
 def load(config):
-    """(info, train split, test split) of VOC 07+12 trainval / 07 test."""
+    """(class names, train split, test split) of VOC 07+12 trainval / 07 test."""
     data_dir = config.data_dir or None
     train_sources = [_source(name, split, data_dir) for name, split in TRAIN]
     builder, test_source = _source(*TEST, data_dir)
     names = tuple(builder.info.features["objects"]["label"].names)
-    train, test = VocSplit(s for _, s in train_sources), VocSplit([test_source])
-    info = data.DetectionInfo("voc", len(names), names, config.image_size, config.max_boxes,
-                              len(train), len(test))
-    return info, train, test
+    return names, VocSplit(s for _, s in train_sources), VocSplit([test_source])
