@@ -27,6 +27,9 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "CIFAR-10 image folder (<dir>/{train,test}/<class>/*.jpg); empty: TFDS.")
 _STAGES = flags.DEFINE_list("stages", list(reproduction.STAGES),
                             f"Stages to run, of {', '.join(reproduction.STAGES)}.")
+_RUNS = flags.DEFINE_list("runs", list(campaign.CONFIGS),
+                          f"Runs to train and evaluate, in this order, of "
+                          f"{', '.join(campaign.CONFIGS)} (the report needs all four).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "KEY=VALUE: a config key of every run changed (e.g. num_train_examples=512 "
     "for a dry run, dataset=synthetic for a test); it changes the runs' configs.")
@@ -62,7 +65,7 @@ def main(argv):
         result = reproduction.run_campaign(
             budget, _RUNS_DIR.value, _DATA_DIR.value, stages=_STAGES.value,
             overrides=overrides, parallel=_PARALLEL.value, train_seconds=_TRAIN_SECONDS.value,
-            command=" ".join(["python", *sys.argv]))
+            command=" ".join(["python", *sys.argv]), runs=_RUNS.value)
     finally:
         if _ARCHIVE.value:
             campaign.archive_runs(_RUNS_DIR.value, budget, _ARCHIVE.value)

@@ -3,6 +3,7 @@ stage evaluated and reported, a restart skipping what is done; the report's verd
 
 import json
 import pathlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -97,6 +98,18 @@ def test_evaluation_stages_wait_for_finished_runs(tmp_path):
         reproduction.run_campaign(DRY, str(tmp_path), stages=("report",))
     with pytest.raises(UserError, match="unknown stages"):
         reproduction.run_campaign(DRY, str(tmp_path), stages=("tables",))
+    with pytest.raises(UserError, match=r"unknown runs \['awn'\]"):
+        reproduction.run_campaign(DRY, str(tmp_path), stages=("table",), runs=("awn",))
+    with pytest.raises(UserError, match="not finished at 2 epochs"):  # the report: all four
+        reproduction.run_campaign(DRY, str(tmp_path), stages=("report",), runs=("adder",))
+
+
+def test_runs_trains_only_the_runs_named(tmp_path):
+    result = reproduction.run_campaign(DRY, str(tmp_path), stages=("train",),
+                                       overrides=SYNTHETIC,
+                                       runs=("adder-awn",))
+    assert list(result["workdirs"]) == ["adder-awn"]
+    assert sorted(os.listdir(tmp_path / "dry-2ep")) == ["adder-awn"]
 
 
 def test_run_configs_are_the_official_recipe_at_the_budget(tmp_path):

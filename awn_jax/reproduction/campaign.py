@@ -178,22 +178,28 @@ def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
 
 def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGES,
                  overrides: dict | None = None, parallel: bool = False,
-                 train_seconds: float | None = None, command: str = "") -> dict:
+                 train_seconds: float | None = None, command: str = "",
+                 runs=tuple(CONFIGS)) -> dict:
     """The whole campaign, or the ``stages`` of it asked for; returns what it computed
     (``workdirs``, and per stage its results; ``report`` is the Markdown).
     ``train_seconds``: training stops at the first epoch end past this many seconds, and
-    the evaluation stages wait for a later call."""
+    the evaluation stages wait for a later call. ``runs``: the runs trained and evaluated
+    (in this order), of ``CONFIGS``; the report always needs all four."""
     from awn_jax.reproduction import report, stages as studies  # the studies need matplotlib
 
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise UserError(f"unknown stages {unknown}; expected some of {STAGES}")
-    dirs = workdirs(runs_dir, budget)
+    unknown = sorted(set(runs) - set(CONFIGS))
+    if unknown or not runs:
+        raise UserError(f"unknown runs {unknown or list(runs)}; expected some of "
+                        f"{list(CONFIGS)}")
+    dirs = workdirs(runs_dir, budget, tuple(runs))
     out = {"workdirs": dirs}
     if "train" in stages:
         deadline = None if train_seconds is None else time.time() + train_seconds
-        train_runs(budget, runs_dir, data_dir, overrides=overrides, parallel=parallel,
-                   deadline=deadline)
+        train_runs(budget, runs_dir, data_dir, layer_types=tuple(runs), overrides=overrides,
+                   parallel=parallel, deadline=deadline)
         if any(len(read_metrics(w)) < budget.epochs for w in dirs.values()):
             logging.warning("training time is up; run the same command again to go on")
             return out
@@ -203,10 +209,11 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     wanted = [s for s in evaluations if s in stages or "report" in stages]
     if not wanted:
         return out
+    if "report" in stages:
+        dirs = workdirs(runs_dir, budget)
+        finished_epochs(dirs, budget)  # the report needs every run: a clear error if not
     epochs = {t: len(read_metrics(w)) for t, w in dirs.items()}
     done = {t for t, e in epochs.items() if e >= budget.epochs}
-    if "report" in stages:
-        finished_epochs(dirs, budget)  # the report needs every run: a clear error if not
     report_dir = os.path.join(campaign_dir(runs_dir, budget), "report")
     for stage in wanted:
         out[stage] = {}
