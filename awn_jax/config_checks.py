@@ -17,10 +17,11 @@ import math
 import numbers
 from collections.abc import Iterable
 
-from awn_jax import data, model, optim
+from awn_jax import data, model
 from awn_jax.errors import UserError
 from awn_jax.evaluation import EVAL_BN_MODES
 from awn_jax.nn import ARCHITECTURES, LAYER_TYPES
+from awn_jax.training.optimizer import LR_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ CHOICES = {
     "model": tuple(ARCHITECTURES),
     "layer_type": LAYER_TYPES,
     "compute_dtype": tuple(model.COMPUTE_DTYPES),
-    "lr_schedule": optim.LR_SCHEDULES,
+    "lr_schedule": LR_SCHEDULES,
     "eval_bn_mode": EVAL_BN_MODES,
 }
 PATHS = ("workdir", "data_dir")  # free strings

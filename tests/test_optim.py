@@ -9,7 +9,7 @@ from flax import nnx
 
 from awn_jax.nn import AWNParam
 from configs import default
-from awn_jax import optim
+from awn_jax.training import optimizer
 
 
 class _TwoParams(nnx.Module):
@@ -30,7 +30,7 @@ def test_awn_multiplier_reaches_nu_and_upsilon(momentum, weight_decay):
     at every step (momentum and weight decay included)."""
     config = _config(momentum=momentum, weight_decay=weight_decay)
     params = nnx.state(_TwoParams(), nnx.Param)
-    tx = optim.make_optimizer(config, steps_per_epoch=10)
+    tx = optimizer.make_optimizer(config, steps_per_epoch=10)
     opt_state = tx.init(params)
     grads = nnx.state(_TwoParams(), nnx.Param)  # gradient 0.5 everywhere
     for _ in range(3):
@@ -46,7 +46,7 @@ def test_sgd_matches_pytorch_semantics():
                      lr_schedule="constant")
     params = {"w": jnp.array([1.0, -2.0])}
     g = {"w": jnp.array([0.3, 0.1])}
-    tx = optim.make_optimizer(config, steps_per_epoch=1)
+    tx = optimizer.make_optimizer(config, steps_per_epoch=1)
     opt_state = tx.init(params)
     p, buf = np.array([1.0, -2.0]), np.zeros(2)
     for _ in range(3):
@@ -59,7 +59,7 @@ def test_sgd_matches_pytorch_semantics():
 
 def test_official_cosine_is_constant_within_an_epoch():
     config = _config(num_epochs=4, learning_rate=0.1, lr_schedule="cosine-epoch")
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch=5)
+    schedule = optimizer.learning_rate_schedule(config, steps_per_epoch=5)
     for epoch in range(4):
         expected = 0.05 * (1 + math.cos(math.pi * epoch / 4))
         for step in range(epoch * 5, epoch * 5 + 5):
@@ -69,19 +69,19 @@ def test_official_cosine_is_constant_within_an_epoch():
 def test_warmup_then_cosine_step():
     config = _config(num_epochs=2, learning_rate=1.0, lr_schedule="cosine-step",
                      warmup_epochs=1.0)
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch=4)
+    schedule = optimizer.learning_rate_schedule(config, steps_per_epoch=4)
     np.testing.assert_allclose([schedule(s) for s in range(4)], [0.25, 0.5, 0.75, 1.0])
     # The cosine spans the 4 steps after the warmup, starting from the full rate.
     np.testing.assert_allclose(schedule(6), 0.5 * (1 + math.cos(math.pi * 2 / 4)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("lr_schedule", optim.LR_SCHEDULES)
+@pytest.mark.parametrize("lr_schedule", optimizer.LR_SCHEDULES)
 def test_warmup_ends_without_a_jump(lr_schedule):
     """A 2-of-10-epoch warmup reaches the full rate at its last step and the decay starts
     there (the hand-written schedule jumped 0.1 -> 0.0905 at that point)."""
     config = _config(num_epochs=10, learning_rate=0.1, lr_schedule=lr_schedule,
                      warmup_epochs=2.0)
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch=5)
+    schedule = optimizer.learning_rate_schedule(config, steps_per_epoch=5)
     rates = np.array([schedule(step) for step in range(50)])
     np.testing.assert_allclose(rates[9], 0.1, rtol=1e-6)    # the warmup's last step
     np.testing.assert_allclose(rates[10], 0.1, rtol=1e-6)   # the decay's first
@@ -97,9 +97,9 @@ def test_warmup_ends_without_a_jump(lr_schedule):
 def test_warmup_as_long_as_the_run_is_an_error():
     config = _config(num_epochs=2, lr_schedule="cosine-step", warmup_epochs=2.0)
     with pytest.raises(ValueError, match="warmup_epochs"):
-        optim.learning_rate_schedule(config, steps_per_epoch=4)
+        optimizer.learning_rate_schedule(config, steps_per_epoch=4)
 
 
 def test_unknown_schedule_is_an_error():
     with pytest.raises(ValueError, match="lr_schedule"):
-        optim.learning_rate_schedule(_config(lr_schedule="linear"), 10)
+        optimizer.learning_rate_schedule(_config(lr_schedule="linear"), 10)

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awn_jax import data as classification_data
-from awn_jax import optim
+from awn_jax.training import optimizer
 from awn_jax.config_checks import check_config
 from awn_jax.detection import data, evaluation
 from awn_jax.detection.detector import build_detector
@@ -44,7 +44,7 @@ LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classification", "roi_box")
 
 
 def optimizer_config(config, steps_per_epoch: int):
-    """The keys ``optim`` reads, with the warmup converted from iterations to epochs."""
+    """The keys ``training.optimizer`` reads, with the warmup converted from iterations to epochs."""
     keys = ("learning_rate", "lr_schedule", "num_epochs", "momentum", "nesterov",
             "weight_decay", "awn_lr_multiplier")
     if config.warmup_steps < 0:
@@ -85,7 +85,7 @@ def create_detection_state(config, info, steps_per_epoch: int):
     state: ``(graphdef, tx, state)``."""
     resnet = load_backbone(config.backbone_workdir, config) if config.backbone_workdir else None
     graphdef, params, batch_stats = split_model(build_detector(config, info, resnet))
-    tx = optim.make_optimizer(optimizer_config(config, steps_per_epoch), steps_per_epoch)
+    tx = optimizer.make_optimizer(optimizer_config(config, steps_per_epoch), steps_per_epoch)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params))
     return graphdef, tx, state
@@ -132,7 +132,7 @@ class DetectionTrainer:
         self.graphdef, tx, state = create_detection_state(config, dataset.info,
                                                           self.steps_per_epoch)
         self.initial_state = jax.device_put(state, self.replicated)
-        self.schedule = optim.learning_rate_schedule(
+        self.schedule = optimizer.learning_rate_schedule(
             optimizer_config(config, self.steps_per_epoch), self.steps_per_epoch)
         eval_graphdef = with_bn_mode(self.graphdef, state.params, state.batch_stats,
                                      check_bn_mode(config.eval_bn_mode))

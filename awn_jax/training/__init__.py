@@ -3,6 +3,7 @@ loading a finished run back for evaluation.
 
 * :mod:`.loop` -- ``train_and_evaluate(config, workdir)``.
 * :mod:`.state` -- the train state and its creation.
+* :mod:`.optimizer` -- the official SGD chain, its schedules, the AWN lr multiplier.
 * :mod:`.checkpointing` -- Orbax checkpoints and the run's saved config.
 * :mod:`.metrics` -- ``metrics.jsonl`` and TensorBoard scalars.
 * :mod:`.runs` -- a saved run loaded back (config, dataset, model of any epoch).

@@ -25,13 +25,13 @@ import optax
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from awn_jax import data, optim
+from awn_jax import data
 from awn_jax.config_checks import check_config
 from awn_jax.distributed import make_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.evaluation import Evaluator, check_bn_modes
 from awn_jax.model import apply_model, cross_entropy
-from awn_jax.training import checkpointing
+from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.metrics import MetricsWriter
 from awn_jax.training.state import TrainState, bn_drift, create_train_state
 
@@ -68,7 +68,7 @@ class Trainer:
         self.steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
         self.graphdef, tx, state = create_train_state(config, dataset.info, self.steps_per_epoch)
         self.initial_state = jax.device_put(state, self.replicated)
-        self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch)
+        self.schedule = optimizer.learning_rate_schedule(config, self.steps_per_epoch)
         self.evaluator = Evaluator(self.graphdef, state.params, state.batch_stats, mesh=mesh)
         self.train_step = self._under_mesh(jax.jit(
             functools.partial(train_step, self.graphdef, tx),

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from awn_jax import optim
+from awn_jax.training import optimizer
 from awn_jax.model import build_model, named_leaves, split_model
 
 
@@ -25,7 +25,7 @@ class TrainState:
 def create_train_state(config, info, steps_per_epoch: int):
     """Fresh model, optimizer and state: ``(graphdef, tx, state)``."""
     graphdef, params, batch_stats = split_model(build_model(config, info))
-    tx = optim.make_optimizer(config, steps_per_epoch)
+    tx = optimizer.make_optimizer(config, steps_per_epoch)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params))
     return graphdef, tx, state
