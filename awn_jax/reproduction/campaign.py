@@ -150,17 +150,6 @@ def train_runs(budget: Budget, runs_dir: str, data_dir: str = "",
     return dirs
 
 
-def finished_epochs(dirs: dict[str, str], budget: Budget) -> dict[str, int]:
-    """The epochs each run has finished; an error naming the runs still short of the
-    budget (evaluation stages need every run finished)."""
-    epochs = {t: len(read_metrics(w)) for t, w in dirs.items()}
-    short = {t: e for t, e in epochs.items() if e < budget.epochs}
-    if short:
-        raise UserError(f"runs not finished at {budget.epochs} epochs: {short}; run the "
-                        "train stage first")
-    return epochs
-
-
 def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
     """``compute()``'s result, or the one saved for the same runs by an earlier call."""
     stages_dir = os.path.join(report_dir, "stages")
@@ -210,10 +199,12 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     if not wanted:
         return out
     if "report" in stages:
-        dirs = workdirs(runs_dir, budget)
-        finished_epochs(dirs, budget)  # the report needs every run: a clear error if not
+        dirs = workdirs(runs_dir, budget)  # the report covers all four, finished or not
     epochs = {t: len(read_metrics(w)) for t, w in dirs.items()}
     done = {t for t, e in epochs.items() if e >= budget.epochs}
+    if "report" in stages and not done:
+        raise UserError(f"no run has finished its {budget.epochs} epochs yet ({epochs}); "
+                        "run the train stage first")
     report_dir = os.path.join(campaign_dir(runs_dir, budget), "report")
     for stage in wanted:
         out[stage] = {}
@@ -227,11 +218,12 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
             out[stage][layer_type] = cached_stage(
                 report_dir, f"{stage}-{layer_type}", {layer_type: epochs[layer_type]},
                 lambda fn=evaluations[stage], w=workdir: fn(w, budget))
-    if "report" in stages:
+    if "report" in stages:  # partial while some runs train: they are named as such
         out["report"] = report.write(report_dir, budget, epochs, dirs,
                                      {s: out[s] for s in evaluations}, command)
         out["pretrained"] = export_weights(os.path.join(report_dir, "pretrained"), budget,
-                                           dirs, out["table"], command)
+                                           {t: dirs[t] for t in dirs if t in done},
+                                           out["table"], command)
     return out
 
 
@@ -260,20 +252,24 @@ def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
 
 def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
     """A ``.tar.gz`` of what a fresh machine needs to resume the campaign and run its
-    studies: every run's config, dataset info and metrics, the checkpoints of its latest
-    epoch and of the epochs the studies read, and the report so far. Returns the members."""
+    studies: every run's config, dataset info and metrics, the checkpoint of its latest
+    epoch and, until the studies that read them are done (cached in the report), those of
+    the epochs they read; and the report so far. Returns the members."""
     from awn_jax.reproduction import stages
-    from awn_jax.training.runs import saved_epochs
+    from awn_jax.training.checkpointing import saved_epochs
 
     root = campaign_dir(runs_dir, budget)
     wanted = {e for pair in stages.epoch_pairs(budget.epochs) for e in pair}
     wanted |= set(stages.feature_epochs(budget.epochs))
     members = []
-    for workdir in workdirs(runs_dir, budget).values():
+    for layer_type, workdir in workdirs(runs_dir, budget).items():
         if not os.path.isdir(workdir):
             continue
         epochs = saved_epochs(workdir)
-        keep = (wanted & set(epochs)) | set(epochs[-1:])
+        studied = all(os.path.exists(os.path.join(root, "report", "stages",
+                                                  f"{stage}-{layer_type}.json"))
+                      for stage in ("interpolation", "distributions"))
+        keep = (set() if studied else wanted & set(epochs)) | set(epochs[-1:])
         members += [os.path.join(workdir, name) for name in
                     ("config.json", "dataset_info.json", "metrics.jsonl")
                     if os.path.exists(os.path.join(workdir, name))]

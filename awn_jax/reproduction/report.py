@@ -88,18 +88,29 @@ def verdict(a: dict, b: dict, column: str) -> dict:
     return {"difference": d, "se": se, "verdict": word}
 
 
+WAITING = "waits for training"
+
+
 def claims(rows: dict[str, dict]) -> list[dict]:
+    """Every claim's verdict; ``WAITING`` where a run it compares has not finished."""
     out = []
     for text, a, b, column in CLAIMS:
-        out.append({"claim": text, "a": a, "b": b, "column": column,
-                    "a_value": rows[a][column], "b_value": rows[b][column],
-                    **verdict(rows[a], rows[b], column)})
+        claim = {"claim": text, "a": a, "b": b, "column": column}
+        if a in rows and b in rows:
+            claim.update(a_value=rows[a][column], b_value=rows[b][column],
+                         **verdict(rows[a], rows[b], column))
+        else:
+            claim["verdict"] = WAITING
+        out.append(claim)
     return out
 
 
 def format_claims(found) -> str:
     lines = ["| claim | obtained (%) | difference ± SE (pp) | verdict |", "|---|---|---|---|"]
     for c in found:
+        if c["verdict"] == WAITING:
+            lines.append(f"| {c['claim']} | - | - | {WAITING} |")
+            continue
         lines.append(f"| {c['claim']} | {c['a']} {100 * c['a_value']:.2f} vs {c['b']} "
                      f"{100 * c['b_value']:.2f} | {100 * c['difference']:+.2f} ± "
                      f"{100 * c['se']:.2f} | **{c['verdict']}** |")
@@ -154,9 +165,10 @@ def format_epochs(found) -> str:
     names = [r["model"] for r in found]
     lines = ["| epoch | " + " | ".join(f"{n} test acc | {n} train loss" for n in names) + " |",
              "|" + "---|" * (1 + 2 * len(names))]
-    for i, epoch in enumerate(found[0]["epoch"]):
-        cells = [f"{100 * r['test_accuracy'][i]:.2f} | {r['train_loss'][i]:.3f}" for r in found]
-        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    for i in range(max(len(r["epoch"]) for r in found)):  # a run still training: "-"
+        cells = [f"{100 * r['test_accuracy'][i]:.2f} | {r['train_loss'][i]:.3f}"
+                 if i < len(r["epoch"]) else "- | -" for r in found]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -190,10 +202,16 @@ def training_summary(workdir: str) -> str:
 def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
           command: str) -> str:
     """``report.md``, ``report.json`` and the figures into ``report_dir``; returns the
-    Markdown."""
+    Markdown. A run short of ``budget.epochs`` (``epochs``) is still training: its curves
+    so far are shown, its rows and the claims that need them wait."""
     rows = named_rows(results["table"])
     found = claims(rows)
-    curve_results = curves.collect(list(workdirs.values()))
+    training = {t: e for t, e in epochs.items() if e < budget.epochs}
+    curve_results = curves.collect([w for t, w in workdirs.items() if epochs[t]])
+    status = ("" if not training else "**Partial report**: still training "
+              + ", ".join(f"{paper.BASE_NAMES[t]} ({e} of {budget.epochs} epochs)"
+                          for t, e in training.items())
+              + "; their rows and the claims that need them wait for a later call.")
     figures = {
         "curves": reports.save_figure(curves.plot(curve_results), report_dir, "curves"),
         "interpolation": reports.save_figure(
@@ -213,14 +231,15 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
             studies.plot_sweep(sweep_rows, key, xlabel, title), report_dir, f"{x}_sweep")
     markdown = "\n".join([
         f"# Reproduction report: ResNet-20 on CIFAR-10, budget `{budget.name}`", "",
-        f"Command: `{command}`", "",
-        f"{budget.describe()}; {training_summary(next(iter(workdirs.values())))}.", "",
+        f"Command: `{command}`", "", *([status, ""] if status else []),
+        f"{budget.describe()}; "
+        f"{training_summary(next(w for t, w in workdirs.items() if t not in training))}.", "",
         "Runs: " + ", ".join(f"{paper.BASE_NAMES[t]} `{w}` ({epochs[t]} epochs)"
                              for t, w in workdirs.items()), "",
         "## Table 1 (accuracy %, obtained ± SE | paper)", "",
         format_table(rows, [n for n in TABLE1 if n in rows], budget), "",
         "## Table 3 (WS against AWN, -r against -R)", "",
-        format_table(rows, TABLE3, budget), "",
+        format_table(rows, [n for n in TABLE3 if n in rows], budget), "",
         "## Claims", "", format_claims(found), "",
         "## Fig. 2a/2b: PGD sweeps", "", format_sweeps(results["sweeps"]), "",
         "![eps sweep](eps_sweep.png) ![steps sweep](steps_sweep.png)", "",
@@ -235,6 +254,7 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
     ])
     reports.write(report_dir, "report", {
         "budget": budget.__dict__, "command": command, "epochs": epochs,
+        "training": training,
         "workdirs": workdirs, "claims": found, "curves": curve_results,
         "figures": figures, **results}, markdown)
     return markdown
