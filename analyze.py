@@ -19,7 +19,7 @@ from awn_jax import cli, reports
 from awn_jax.errors import UserError
 from awn_jax.stability import curves, distributions, interpolation, theory
 from awn_jax.training import checkpointing
-from awn_jax.training.runs import load_run, saved_epochs
+from awn_jax.training.runs import load_run
 
 STUDIES = ("interpolation", "curves", "distributions", "variance-theory")
 
@@ -72,7 +72,7 @@ def _interpolation(workdirs, output_dir) -> None:
     modes = interpolation.BN_STATS if _BN_STATS.value == "both" else (_BN_STATS.value,)
     results = []
     for workdir in workdirs:
-        epochs = saved_epochs(workdir)
+        epochs = checkpointing.saved_epochs(workdir)
         epoch_b = _EPOCH_B.value if _EPOCH_B.value is not None else epochs[-1]
         epoch_a = _EPOCH_A.value if _EPOCH_A.value is not None else max(
             [e for e in epochs if e < epoch_b], default=None)
@@ -96,7 +96,8 @@ def _interpolation(workdirs, output_dir) -> None:
 def _distributions(workdirs, output_dir) -> None:
     results = []
     for workdir in workdirs:
-        epochs = [int(e) for e in _EPOCHS.value] if _EPOCHS.value else saved_epochs(workdir)
+        epochs = ([int(e) for e in _EPOCHS.value] if _EPOCHS.value
+                  else checkpointing.saved_epochs(workdir))
         runs = (load_run(workdir, epoch, _DATA_DIR.value) for epoch in epochs)
         results.append(distributions.analyze_run(
             runs, layers=_LAYERS.value, num_images=_FEATURE_IMAGES.value,

@@ -37,7 +37,7 @@ from awn_jax.model import apply_model, build_model, split_model, with_bn_mode  #
 from awn_jax.ops.adder import resolve_implementation  # noqa: E402
 from awn_jax.robustness import attacks  # noqa: E402
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners  # noqa: E402
-from bench.train_step import _cpu_name  # noqa: E402
+from bench.train_step import cpu_name  # noqa: E402
 from configs import default  # noqa: E402
 
 CIFAR10 = DatasetInfo(name="cifar10", num_classes=10, image_shape=(32, 32, 3), num_train=50000,
@@ -124,7 +124,7 @@ def main():
           f"PGD-7, APGD {args.apgd_steps} iterations, Square {args.square_queries} queries, "
           f"batch-mate {args.mate_steps} steps (k = batch/4), EOT {args.eot_steps} steps x "
           f"{args.eot_draws} draws (k = batch/10)")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"{device.platform} ({device.device_kind}); adder implementation "
           f"{resolve_implementation()}; load average at start {os.getloadavg()[0]:.2f}")
     print("| attack | layer type | BN mode | ms / batch | ms / iteration | images/s | "

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from awn_jax.detection import data, training  # noqa: E402
 from awn_jax.distributed import make_mesh  # noqa: E402
-from bench.train_step import _cpu_name  # noqa: E402
+from bench.train_step import cpu_name, time_compiled_step  # noqa: E402
 from configs import voc_frcnn_default  # noqa: E402
 
 LAYER_TYPES = ("conv", "adder", "adder-awn")
@@ -61,23 +59,7 @@ def time_train_step(layer_type: str, batch: int, repeats: int):
                                     random_flip=False)
     trainer = training.DetectionTrainer(config, dataset, make_mesh(1))
     inputs = trainer.global_batch(next(dataset.train_batches(0, batch)))
-    state = trainer.initial_state
-    start = time.perf_counter()
-    state, metrics = trainer.train_step(state, inputs)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = trainer.train_step(state, inputs)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    with jax.set_mesh(trainer.mesh):
-        stats = trainer.train_step.__wrapped__.lower(state, inputs).compile().memory_analysis()
-    temp = stats.temp_size_in_bytes / 2 ** 20
-    total = temp + (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                    - stats.alias_size_in_bytes) / 2 ** 20
-    return statistics.median(times), compile_seconds, temp, total
+    return time_compiled_step(trainer, inputs, repeats)
 
 
 def main():
@@ -88,7 +70,7 @@ def main():
     args = parser.parse_args()
     print(f"# Faster R-CNN + FPN train step, ResNet-18, VOC size (600 x 800 on a 1024 canvas), "
           f"batch {args.batch}, median of {args.repeats}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"{jax.devices()[0].platform}; load average at start {os.getloadavg()[0]:.2f}")
     print("| layer type | s / step | images/s | step time vs conv | compile s "
           "| temp MB | total MB |")

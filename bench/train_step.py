@@ -30,7 +30,7 @@ from configs import default  # noqa: E402
 LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
@@ -48,19 +48,25 @@ def time_train_step(layer_type: str, batch: int, repeats: int, model: str):
     dataset = data.get_dataset(config)
     trainer = Trainer(config, dataset, make_mesh(1))
     images = trainer.global_batch(next(dataset.train_batches(0, batch)), trainer.sharded)
+    return time_compiled_step(trainer, images, repeats)
+
+
+def time_compiled_step(trainer, inputs, repeats: int):
+    """(median seconds per step, compile seconds, compiled MB: temp, total) of
+    ``trainer.train_step`` (classification or detection) on ``inputs``."""
     state = trainer.initial_state
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, images)
+    state, metrics = trainer.train_step(state, inputs)
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state, metrics = trainer.train_step(state, images)
+        state, metrics = trainer.train_step(state, inputs)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     with jax.set_mesh(trainer.mesh):  # trainer.train_step wraps the jitted step (__wrapped__)
-        stats = trainer.train_step.__wrapped__.lower(state, images).compile().memory_analysis()
+        stats = trainer.train_step.__wrapped__.lower(state, inputs).compile().memory_analysis()
     temp = stats.temp_size_in_bytes / 2 ** 20
     total = temp + (stats.argument_size_in_bytes + stats.output_size_in_bytes
                     - stats.alias_size_in_bytes) / 2 ** 20
@@ -75,7 +81,7 @@ def main():
     parser.add_argument("--layer-types", nargs="+", default=list(LAYER_TYPES))
     args = parser.parse_args()
     print(f"# train step, {args.model}, batch {args.batch}, median of {args.repeats}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"{jax.devices()[0].platform}; load average at start {os.getloadavg()[0]:.2f}")
     print("| layer type | ms / step | images/s | step time vs conv | compile s "
           "| temp MB | total MB | total vs conv |")

@@ -1,6 +1,6 @@
 """Bad input stops with one clear line before anything is written; a bug keeps its traceback.
 
-The config's values are checked before a workdir exists (``awn_jax.config_checks``), the
+The config's values are checked before a workdir exists (``awn_jax.training.config_checks``), the
 command-line tools print a ``UserError`` as one line and nothing else, and their console
 carries no absl INFO logging (Orbax logs every checkpoint save and restore at INFO).
 """
@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 from PIL import Image
 
-from awn_jax import config_checks
+from awn_jax.training import config_checks
 from awn_jax.data import get_dataset, image_folder
 from awn_jax.errors import MissingDataError, NonFiniteLossError, UserError
 from awn_jax.reproduction import campaign

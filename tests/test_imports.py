@@ -39,7 +39,12 @@ def _imported(name: str, path: pathlib.Path, modules: dict) -> set:
               and node.func.attr == "import_module" and node.args
               and isinstance(node.args[0], ast.Constant)):
             found.add(node.args[0].value)
-    return {module for module in found if module in modules and module != name}
+    # Importing ``a.b.c`` runs ``a/b/__init__.py`` first: an edge to ``a.b`` too, unless
+    # ``a.b`` is a package of ``name`` itself (initialized before ``name`` is imported).
+    own = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)} | {name}
+    found |= {module.rsplit(".", k)[0] for module in found
+              for k in range(1, module.count(".") + 1)}
+    return {module for module in found if module in modules and module not in own}
 
 
 def _cycle(graph: dict) -> list:
@@ -71,6 +76,23 @@ def _cycle(graph: dict) -> list:
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_importing_a_submodule_depends_on_its_package(tmp_path):
+    # awn_jax.x imports awn_jax.p.q, whose package __init__ imports awn_jax.p.r, which
+    # imports awn_jax.x: a cycle through the package's __init__.
+    for rel, text in {"x.py": "from awn_jax.p.q import A\n", "p/__init__.py":
+                      "from awn_jax.p.r import B\n", "p/q.py": "A = 1\n",
+                      "p/r.py": "from awn_jax import x\n"}.items():
+        path = tmp_path / "awn_jax" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    modules = {"awn_jax.x": tmp_path / "awn_jax/x.py", "awn_jax.p": tmp_path / "awn_jax/p/__init__.py",
+               "awn_jax.p.q": tmp_path / "awn_jax/p/q.py", "awn_jax.p.r": tmp_path / "awn_jax/p/r.py"}
+    graph = {name: _imported(name, path, modules) for name, path in modules.items()}
+    assert graph["awn_jax.x"] == {"awn_jax.p", "awn_jax.p.q"}
+    assert graph["awn_jax.p.r"] == {"awn_jax.x"}  # not its own package
+    assert _cycle(graph)
 
 
 def test_no_import_cycle_inside_the_package():

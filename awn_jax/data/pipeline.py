@@ -119,6 +119,21 @@ class StreamSplit:
         return transforms.resize_center_crop(example["image"], self._size), example["label"]
 
 
+def train_subset(info, num_train_examples: int):
+    """``(indices, info)``: the training examples a run uses, all of them or (when
+    ``num_train_examples`` > 0) a fixed random subset of that size, the same whatever the
+    run's seed, and ``info`` with ``num_train`` set to their count. Any dataset info with
+    ``num_train`` and ``name`` fields (classification and detection)."""
+    if not num_train_examples:
+        return np.arange(info.num_train), info
+    if num_train_examples > info.num_train:
+        raise UserError(f"num_train_examples={num_train_examples} exceeds the "
+                        f"{info.num_train} training examples of {info.name}")
+    subset = np.random.default_rng([_FIXED_SEED, _SUBSET]).permutation(info.num_train)
+    return (np.sort(subset[:num_train_examples]),
+            dataclasses.replace(info, num_train=num_train_examples))
+
+
 class Dataset:
     """Train and test batches of one dataset, as float32 images in [0, 1] and int32 labels.
 
@@ -127,14 +142,7 @@ class Dataset:
     """
 
     def __init__(self, info, train, test, *, seed, num_train_examples=0):
-        self._train_indices = np.arange(info.num_train)
-        if num_train_examples:
-            if num_train_examples > info.num_train:
-                raise UserError(f"num_train_examples={num_train_examples} exceeds the "
-                                f"{info.num_train} training examples of {info.name}")
-            subset = np.random.default_rng([_FIXED_SEED, _SUBSET]).permutation(info.num_train)
-            self._train_indices = np.sort(subset[:num_train_examples])
-            info = dataclasses.replace(info, num_train=num_train_examples)
+        self._train_indices, info = train_subset(info, num_train_examples)
         self._test_order = np.random.default_rng([_FIXED_SEED, _TEST_ORDER]).permutation(
             info.num_test)
         self.info = info

@@ -29,13 +29,13 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
+from awn_jax.data.pipeline import train_subset
 from awn_jax.detection import synthetic
 from awn_jax.errors import UserError
 
 # ImageNet statistics: the backbone is an ImageNet ResNet-18 and normalizes with them.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _ORDER, _FLIPS = 0, 1
-_FIXED_SEED, _SUBSET = 2021, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +77,7 @@ class DetectionDataset:
                             "resized images would not fit the canvas")
         if not 0 < min_size <= max_size:
             raise UserError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
-        self._train_indices = np.arange(info.num_train)
-        if num_train_examples:
-            if num_train_examples > info.num_train:
-                raise UserError(f"num_train_examples={num_train_examples} exceeds the "
-                                f"{info.num_train} training examples of {info.name}")
-            subset = np.random.default_rng([_FIXED_SEED, _SUBSET]).permutation(info.num_train)
-            self._train_indices = np.sort(subset[:num_train_examples])
-            info = dataclasses.replace(info, num_train=num_train_examples)
+        self._train_indices, info = train_subset(info, num_train_examples)
         self.info = info
         self._train, self._test = train, test
         self._seed, self._flip = seed, random_flip

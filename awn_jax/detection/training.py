@@ -14,10 +14,7 @@ one did, the warmup is counted in iterations, and the evaluation is VOC mAP (eve
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +25,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awn_jax import data as classification_data
-from awn_jax.training import optimizer
-from awn_jax.config_checks import check_config
 from awn_jax.detection import data, evaluation
 from awn_jax.detection.detector import build_detector
 from awn_jax.distributed import make_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.model import split_model, with_bn_mode
 from awn_jax.nn.batchnorm import check_bn_mode
-from awn_jax.training import checkpointing
-from awn_jax.training.metrics import MetricsWriter
-from awn_jax.training.state import TrainState, bn_drift, create_train_state
+from awn_jax.training import checkpointing, optimizer
+from awn_jax.training.config_checks import check_config
+from awn_jax.training.loop import run_epochs
+from awn_jax.training.state import TrainState, create_train_state
 
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classification", "roi_box")
 
@@ -195,52 +191,21 @@ def _due_for_evaluation(config, epoch: int) -> bool:
     return last or (every > 0 and (epoch + 1) % every == 0)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> dict:
     """Train the detection ``config`` into ``workdir`` (resuming from its latest
-    checkpoint); returns the last epoch's metrics."""
+    checkpoint); returns the last epoch's metrics. ``deadline``: as for classification."""
     check_config(config, skip=("dataset",))  # the detection datasets: data.get_dataset
     dataset = data.get_dataset(config)
     trainer = DetectionTrainer(config, dataset, make_mesh(config.num_devices))
-    os.makedirs(workdir, exist_ok=True)
-    checkpointing.check_or_save_config(config, workdir)
-    checkpointing.save_dataset_info(dataset.info, workdir)
-    manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
-    state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
-    writer = MetricsWriter(workdir, start_epoch)
-    progress = tqdm.tqdm(total=config.num_epochs * trainer.steps_per_epoch,
-                         initial=start_epoch * trainer.steps_per_epoch, unit="step",
-                         disable=jax.process_index() != 0, dynamic_ncols=True)
-    if start_epoch:
-        progress.write(f"resumed from epoch {start_epoch} of {config.num_epochs} in {workdir}")
-    metrics = {}
-    previous_stats = jax.device_get(state.batch_stats)
-    try:
-        for epoch in range(start_epoch, config.num_epochs):
-            start = time.perf_counter()
-            state, losses = trainer.train_epoch(state, epoch, progress)
-            seconds = time.perf_counter() - start
-            current_stats = jax.device_get(state.batch_stats)
-            metrics = {"epoch": epoch + 1, "step": (epoch + 1) * trainer.steps_per_epoch,
-                       **losses,
-                       "learning_rate": float(trainer.schedule(
-                           (epoch + 1) * trainer.steps_per_epoch - 1)),
-                       "images_per_second": trainer.steps_per_epoch * config.batch_size / seconds,
-                       "epoch_seconds": seconds, **bn_drift(previous_stats, current_stats)}
-            previous_stats = current_stats
-            if _due_for_evaluation(config, epoch):
-                result = trainer.evaluate(state)
-                metrics["test_map"] = result["map"]
-                evaluation.write_report(result, workdir, epoch + 1)
-            writer.write(metrics)
-            checkpointing.save(manager, epoch + 1, state)
-            progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                       for k, v in metrics.items()}))
-    finally:
-        progress.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-    return metrics
+
+    def evaluate_epoch(state, epoch):
+        if not _due_for_evaluation(config, epoch):
+            return {}
+        result = trainer.evaluate(state)
+        evaluation.write_report(result, workdir, epoch + 1)
+        return {"test_map": result["map"]}
+
+    return run_epochs(config, workdir, dataset.info, trainer, evaluate_epoch, deadline)
 
 
 def is_detection_workdir(workdir: str) -> bool:
@@ -265,18 +230,7 @@ def evaluate_workdir(workdir: str, *, epoch: int | None = None, data_dir: str | 
         config.ap_metric = metric
     dataset = data.get_dataset(config)
     trainer = DetectionTrainer(config, dataset, make_mesh(config.num_devices))
-    manager = checkpointing.make_manager(workdir)
-    try:
-        epochs = sorted(manager.all_steps())
-        if not epochs:
-            raise checkpointing.CheckpointError(f"{workdir} holds no checkpoint yet")
-        epoch = epochs[-1] if epoch is None else epoch
-        if epoch not in epochs:
-            raise checkpointing.CheckpointError(
-                f"{workdir} has no checkpoint of epoch {epoch}; saved epochs: {epochs}")
-        state = checkpointing.restore(manager, epoch, trainer.initial_state)
-    finally:
-        manager.close()
+    state, epoch = checkpointing.restore_epoch(workdir, epoch, trainer.initial_state)
     result = trainer.evaluate(state)
     result["table"] = evaluation.write_report(result, output_dir or workdir, epoch)
     return dict(result, workdir=workdir, layer_type=config.layer_type, epoch=epoch)

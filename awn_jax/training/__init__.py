@@ -2,6 +2,7 @@
 loading a finished run back for evaluation.
 
 * :mod:`.loop` -- ``train_and_evaluate(config, workdir)``.
+* :mod:`.config_checks` -- every config key's range, checked before a workdir is written.
 * :mod:`.state` -- the train state and its creation.
 * :mod:`.optimizer` -- the official SGD chain, its schedules, the AWN lr multiplier.
 * :mod:`.checkpointing` -- Orbax checkpoints and the run's saved config.

@@ -115,6 +115,32 @@ def restore(manager: ocp.CheckpointManager, epoch: int, target):
         ) from error
 
 
+def saved_epochs(workdir: str) -> list[int]:
+    """The epochs of ``workdir``'s checkpoints, in order."""
+    manager = make_manager(workdir)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def restore_epoch(workdir: str, epoch: int | None, target):
+    """``(state, epoch)`` saved after ``epoch`` in ``workdir`` (the latest when None), laid
+    out like ``target``; a CheckpointError naming the saved epochs when it is not there."""
+    manager = make_manager(workdir)
+    try:
+        epochs = sorted(manager.all_steps())
+        if not epochs:
+            raise CheckpointError(f"{workdir} holds no checkpoint yet")
+        epoch = epochs[-1] if epoch is None else epoch
+        if epoch not in epochs:
+            raise CheckpointError(
+                f"{workdir} has no checkpoint of epoch {epoch}; saved epochs: {epochs}")
+        return restore(manager, epoch, target), epoch
+    finally:
+        manager.close()
+
+
 def restore_latest(manager: ocp.CheckpointManager, target):
     """``(state, epoch)`` of the latest checkpoint, or ``(target, 0)`` when there is none."""
     epoch = manager.latest_step()

@@ -26,12 +26,12 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awn_jax import data
-from awn_jax.config_checks import check_config
 from awn_jax.distributed import make_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.evaluation import Evaluator, check_bn_modes
 from awn_jax.model import apply_model, cross_entropy
 from awn_jax.training import checkpointing, optimizer
+from awn_jax.training.config_checks import check_config
 from awn_jax.training.metrics import MetricsWriter
 from awn_jax.training.state import TrainState, bn_drift, create_train_state
 
@@ -107,7 +107,8 @@ class Trainer:
                 progress.update(len(fetched))
                 progress.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
                 pending = []
-        return state, float(np.mean(losses)), float(np.mean(accuracies))
+        return state, {"train_loss": float(np.mean(losses)),
+                       "train_accuracy": float(np.mean(accuracies))}
 
     def evaluate(self, state) -> dict:
         """Test loss and accuracy with BatchNorm in ``config.eval_bn_mode``."""
@@ -136,15 +137,28 @@ def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> d
     check_config(config)
     dataset = data.get_dataset(config)
     trainer = Trainer(config, dataset, make_mesh(config.num_devices))  # checks the rest
+    return run_epochs(config, workdir, dataset.info, trainer,
+                      lambda state, epoch: trainer.evaluate(state), deadline)
+
+
+def run_epochs(config, workdir: str, dataset_info, trainer, evaluate_epoch,
+               deadline: float | None = None) -> dict:
+    """The epoch loop of every trainer (classification and detection): save the config and
+    dataset info, resume from the latest checkpoint, and per epoch train, evaluate, write a
+    line of ``metrics.jsonl`` and a checkpoint. ``trainer`` has ``initial_state``,
+    ``steps_per_epoch``, ``schedule`` and ``train_epoch(state, epoch, progress) -> (state,
+    train metrics)``; ``evaluate_epoch(state, epoch)`` returns the epoch's test metrics
+    (may be empty). Returns the last epoch's metrics."""
     os.makedirs(workdir, exist_ok=True)
     checkpointing.check_or_save_config(config, workdir)
-    checkpointing.save_dataset_info(dataset.info, workdir)
+    checkpointing.save_dataset_info(dataset_info, workdir)
     manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
     state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
     writer = MetricsWriter(workdir, start_epoch)
-    total_steps = config.num_epochs * trainer.steps_per_epoch
-    progress = tqdm.tqdm(total=total_steps, initial=start_epoch * trainer.steps_per_epoch,
-                         unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+    steps_per_epoch = trainer.steps_per_epoch
+    progress = tqdm.tqdm(total=config.num_epochs * steps_per_epoch,
+                         initial=start_epoch * steps_per_epoch, unit="step",
+                         disable=jax.process_index() != 0, dynamic_ncols=True)
     if start_epoch:
         progress.write(f"resumed from epoch {start_epoch} of {config.num_epochs} in {workdir}")
     metrics = {}
@@ -152,15 +166,14 @@ def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> d
     try:
         for epoch in range(start_epoch, config.num_epochs):
             start = time.perf_counter()
-            state, train_loss, train_accuracy = trainer.train_epoch(state, epoch, progress)
+            state, train_metrics = trainer.train_epoch(state, epoch, progress)
             seconds = time.perf_counter() - start
             current_stats = jax.device_get(state.batch_stats)
             metrics = {
-                "epoch": epoch + 1, "step": (epoch + 1) * trainer.steps_per_epoch,
-                "train_loss": train_loss, "train_accuracy": train_accuracy,
-                **trainer.evaluate(state),
-                "learning_rate": float(trainer.schedule((epoch + 1) * trainer.steps_per_epoch - 1)),
-                "images_per_second": trainer.steps_per_epoch * config.batch_size / seconds,
+                "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, **train_metrics,
+                **evaluate_epoch(state, epoch),
+                "learning_rate": float(trainer.schedule((epoch + 1) * steps_per_epoch - 1)),
+                "images_per_second": steps_per_epoch * config.batch_size / seconds,
                 "epoch_seconds": seconds,
                 **bn_drift(previous_stats, current_stats),
             }

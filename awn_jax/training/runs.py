@@ -63,14 +63,6 @@ class Run:
         return lambda images: apply_model(graphdef, self.params, self.batch_stats, images)[0]
 
 
-def saved_epochs(workdir: str) -> list[int]:
-    manager = checkpointing.make_manager(workdir)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
-
-
 def load_run(workdir: str, epoch: int | None = None, data_dir: str | None = None) -> Run:
     """The model saved after ``epoch`` (the latest when None). ``data_dir`` points to the
     data when it has moved since training."""
@@ -86,17 +78,6 @@ def load_run(workdir: str, epoch: int | None = None, data_dir: str | None = None
         dataset = data.dataset_for_run(config, info)
     graphdef, _, template = create_train_state(config, dataset.info,
                                                dataset.steps_per_epoch(config.batch_size))
-    manager = checkpointing.make_manager(workdir)
-    try:
-        epochs = sorted(manager.all_steps())
-        if not epochs:
-            raise checkpointing.CheckpointError(f"{workdir} holds no checkpoint yet")
-        epoch = epochs[-1] if epoch is None else epoch
-        if epoch not in epochs:
-            raise checkpointing.CheckpointError(
-                f"{workdir} has no checkpoint of epoch {epoch}; saved epochs: {epochs}")
-        state = checkpointing.restore(manager, epoch, template)
-    finally:
-        manager.close()
+    state, epoch = checkpointing.restore_epoch(workdir, epoch, template)
     state = jax.device_get(state)
     return Run(workdir, config, dataset, epoch, graphdef, state.params, state.batch_stats)
