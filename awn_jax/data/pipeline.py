@@ -151,18 +151,13 @@ class Dataset:
         self._seed = seed
 
     def steps_per_epoch(self, global_batch_size):
-        """Full batches per epoch; the remainder of the shuffled train split is dropped."""
-        steps = self.info.num_train // global_batch_size
-        if steps == 0:
-            raise UserError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
-                            f"training examples of {self.info.name}; lower --config.batch_size")
-        return steps
+        return steps_per_epoch(self.info, global_batch_size)
 
     def train_batches(self, epoch, global_batch_size, *, process_index=0, process_count=1):
         """This process's slice of each global train batch of `epoch`, shuffled and augmented."""
         if self._train is None:
             raise UserError(f"{self.info.name}: this dataset was loaded without its train split")
-        local = _local_batch_size(global_batch_size, process_count)
+        local = local_batch_size(global_batch_size, process_count)
         order = np.random.default_rng([self._seed, epoch, _ORDER]).permutation(self.info.num_train)
         order = self._train_indices[order]
         for step in range(self.steps_per_epoch(global_batch_size)):
@@ -179,7 +174,7 @@ class Dataset:
 
         The last global batch may be smaller; it is split over processes as evenly as possible.
         """
-        _local_batch_size(global_batch_size, process_count)
+        local_batch_size(global_batch_size, process_count)
         total = self.info.num_test
         if num_examples:
             total = min(num_examples, total)
@@ -202,7 +197,17 @@ def channel_stats(images):
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def _local_batch_size(global_batch_size, process_count):
+def steps_per_epoch(info, global_batch_size: int) -> int:
+    """Full batches per epoch; the remainder of the shuffled train split is dropped."""
+    steps = info.num_train // global_batch_size
+    if steps == 0:
+        raise UserError(f"batch size {global_batch_size} exceeds the {info.num_train} "
+                        f"training examples of {info.name}; lower --config.batch_size")
+    return steps
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """This process's share of a global batch (every dataset splits batches this way)."""
     if global_batch_size % process_count:
         raise UserError(f"batch size {global_batch_size} is not divisible by the "
                         f"{process_count} processes; choose a multiple of {process_count}")

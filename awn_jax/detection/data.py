@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from awn_jax.data.pipeline import train_subset
+from awn_jax.data.pipeline import local_batch_size, steps_per_epoch, train_subset
 from awn_jax.detection import synthetic
 from awn_jax.errors import UserError
 
@@ -85,15 +85,11 @@ class DetectionDataset:
         self._pool = concurrent.futures.ThreadPoolExecutor()
 
     def steps_per_epoch(self, global_batch_size: int) -> int:
-        steps = self.info.num_train // global_batch_size
-        if steps == 0:
-            raise UserError(f"batch size {global_batch_size} exceeds the {self.info.num_train} "
-                            f"training examples of {self.info.name}; lower --config.batch_size")
-        return steps
+        return steps_per_epoch(self.info, global_batch_size)
 
     def train_batches(self, epoch, global_batch_size, *, process_index=0, process_count=1):
         """This process's slice of each global train batch of ``epoch``."""
-        local = _local_batch_size(global_batch_size, process_count)
+        local = local_batch_size(global_batch_size, process_count)
         order = np.random.default_rng([self._seed, epoch, _ORDER]).permutation(
             self.info.num_train)
         order = self._train_indices[order]
@@ -114,7 +110,7 @@ class DetectionDataset:
         False there), so every batch has one shape; ``truths`` holds, for every real
         example of the global batch (they come first), its original-image ground truth
         and ``scale_xy``."""
-        local = _local_batch_size(global_batch_size, process_count)
+        local = local_batch_size(global_batch_size, process_count)
         total = min(num_examples or self.info.num_test, self.info.num_test)
         for start in range(0, total, global_batch_size):
             indices = list(range(start, min(start + global_batch_size, total)))
@@ -175,13 +171,6 @@ def _stack(examples):
     batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
     batch["image"] = batch["image"].astype(np.float32) / 255.0
     return batch
-
-
-def _local_batch_size(global_batch_size, process_count):
-    if global_batch_size % process_count:
-        raise UserError(f"batch size {global_batch_size} is not divisible by the "
-                        f"{process_count} processes; choose a multiple of {process_count}")
-    return global_batch_size // process_count
 
 
 def _load_synthetic(config):
