@@ -363,7 +363,7 @@ def test_jpeg_pack_round_trips_an_image_folder(folder, tmp_path_factory, cache_d
     from awn_jax.data import jpeg_pack
 
     tmp_path = tmp_path_factory.mktemp("packed")  # `folder` is the test's own tmp_path
-    packed = str(tmp_path / "folder.jpack.npz")
+    packed = str(tmp_path / "new_dir" / "folder.jpack.npz")  # its folder made on the way
     assert jpeg_pack.pack(str(folder), packed) == 11  # 10 PNGs and big.jpg, no notes.txt
     assert jpeg_pack.unpack(packed, str(tmp_path / "copy")) == 11
     for path in folder.rglob("*"):

@@ -30,6 +30,7 @@ def pack(folder: str, path: str) -> int:
     blobs = [p.read_bytes() for p in files]
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     names = "\n".join(str(p.relative_to(root)) for p in files)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, data=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets,
              names=np.frombuffer(names.encode(), np.uint8))
     return len(files)
