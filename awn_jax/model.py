@@ -70,3 +70,18 @@ def named_leaves(tree) -> dict[str, np.ndarray]:
         parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
         named[".".join(p for p in parts if p != "value")] = leaf
     return named
+
+
+def bn_drift(previous, current) -> dict:
+    """Change of all BN running means and variances over the epoch, relative to their
+    current size (1.0 when they started from zero)."""
+    def relative(name):
+        prev = [np.ravel(v) for k, v in named_leaves(jax.device_get(previous)).items()
+                if k.rsplit(".", 1)[-1] == name]
+        cur = [np.ravel(v) for k, v in named_leaves(jax.device_get(current)).items()
+               if k.rsplit(".", 1)[-1] == name]
+        if not prev:
+            return 0.0
+        prev, cur = np.concatenate(prev), np.concatenate(cur)
+        return float(np.linalg.norm(cur - prev) / max(np.linalg.norm(cur), 1e-12))
+    return {"bn_mean_drift": relative("mean"), "bn_var_drift": relative("var")}

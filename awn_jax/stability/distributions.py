@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 
 from awn_jax.errors import UserError
-from awn_jax.model import named_leaves, with_bn_mode
+from awn_jax.model import bn_drift, named_leaves, with_bn_mode
 from awn_jax.nn import Conv2d
 from awn_jax.reports import new_figure
 from awn_jax.stability.common import run_label, unique_labels
-from awn_jax.training.state import bn_drift
+
 
 # ---------------------------------------------------------------------------------------
 # Fits

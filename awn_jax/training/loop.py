@@ -29,11 +29,11 @@ from awn_jax import data
 from awn_jax.distributed import make_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.evaluation import Evaluator, check_bn_modes
-from awn_jax.model import apply_model, cross_entropy
+from awn_jax.model import apply_model, bn_drift, cross_entropy
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config
 from awn_jax.training.metrics import MetricsWriter
-from awn_jax.training.state import TrainState, bn_drift, create_train_state
+from awn_jax.training.state import TrainState, create_train_state
 
 
 def train_step(graphdef, tx, state: TrainState, batch):
