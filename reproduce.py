@@ -29,7 +29,8 @@ _STAGES = flags.DEFINE_list("stages", list(reproduction.STAGES),
                             f"Stages to run, of {', '.join(reproduction.STAGES)}.")
 _RUNS = flags.DEFINE_list("runs", list(campaign.CONFIGS),
                           f"Runs to train and evaluate, in this order, of "
-                          f"{', '.join(campaign.CONFIGS)} (the report needs all four).")
+                          f"{', '.join(campaign.CONFIGS)} (the report covers all four, "
+                          "partial while some train).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "KEY=VALUE: a config key of every run changed (e.g. num_train_examples=512 "
     "for a dry run, dataset=synthetic for a test); it changes the runs' configs.")

@@ -40,8 +40,8 @@ def accuracy(run, images, labels, modes: dict, default: str) -> float:
 
 
 def batch_statistics(run, images) -> dict:
-    """Per BN layer: the batch's mean and biased variance under ``train`` statistics,
-    recovered from the running-average update (momentum 0.1, unbiased variance)."""
+    """Per BN layer: the batch's mean and (unbiased) variance under ``train`` statistics,
+    recovered from the running-average update of :class:`BatchNorm` (momentum 0.1)."""
     graphdef = with_bn_mode(run.graphdef, run.params, run.batch_stats, "train")
     _, updated = apply_model(graphdef, run.params, run.batch_stats, images)
     old, new = named_leaves(run.batch_stats), named_leaves(updated)

@@ -40,7 +40,7 @@ LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_classification", "roi_box")
 
 
 def optimizer_config(config, steps_per_epoch: int):
-    """The keys ``training.optimizer`` reads, with the warmup converted from iterations to epochs."""
+    """The keys ``training.optimizer`` reads, the warmup converted from iterations to epochs."""
     keys = ("learning_rate", "lr_schedule", "num_epochs", "momentum", "nesterov",
             "weight_decay", "awn_lr_multiplier")
     if config.warmup_steps < 0:

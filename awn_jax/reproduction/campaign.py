@@ -8,7 +8,7 @@ checkpoint and are skipped once finished. Each evaluation stage of each finished
 writes its results to ``report/stages/<stage>-<layer_type>.json`` with the run's epochs,
 and is skipped when that file matches; so a killed campaign restarted with the same
 command loses at most the epoch or the stage in progress, and a run can be evaluated
-while the others still train. The report waits for all four.
+while the others still train. The report covers all four, partial while some still train.
 """
 
 from __future__ import annotations
@@ -150,6 +150,11 @@ def train_runs(budget: Budget, runs_dir: str, data_dir: str = "",
     return dirs
 
 
+def stage_name(stage: str, layer_type: str) -> str:
+    """The name one run's cached stage result has under ``report/stages``."""
+    return f"{stage}-{layer_type}"
+
+
 def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
     """``compute()``'s result, or the one saved for the same runs by an earlier call."""
     stages_dir = os.path.join(report_dir, "stages")
@@ -173,7 +178,7 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     (``workdirs``, and per stage its results; ``report`` is the Markdown).
     ``train_seconds``: training stops at the first epoch end past this many seconds, and
     the evaluation stages wait for a later call. ``runs``: the runs trained and evaluated
-    (in this order), of ``CONFIGS``; the report always needs all four."""
+    (in this order), of ``CONFIGS``; the report covers all four, partial while some train."""
     from awn_jax.reproduction import report, stages as studies  # the studies need matplotlib
 
     unknown = sorted(set(stages) - set(STAGES))
@@ -216,7 +221,7 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
                 continue
             logging.warning("campaign %s: %s of %s", budget.name, stage, layer_type)
             out[stage][layer_type] = cached_stage(
-                report_dir, f"{stage}-{layer_type}", {layer_type: epochs[layer_type]},
+                report_dir, stage_name(stage, layer_type), {layer_type: epochs[layer_type]},
                 lambda fn=evaluations[stage], w=workdir: fn(w, budget))
     if "report" in stages:  # partial while some runs train: they are named as such
         out["report"] = report.write(report_dir, budget, epochs, dirs,
@@ -267,7 +272,7 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
             continue
         epochs = saved_epochs(workdir)
         studied = all(os.path.exists(os.path.join(root, "report", "stages",
-                                                  f"{stage}-{layer_type}.json"))
+                                                  stage_name(stage, layer_type) + ".json"))
                       for stage in ("interpolation", "distributions"))
         keep = (set() if studied else wanted & set(epochs)) | set(epochs[-1:])
         members += [os.path.join(workdir, name) for name in
