@@ -52,6 +52,11 @@ measurements once spent, so a run in a fixed time slot still reports what it fin
     python bench/adder_conv.py --batch 32 256 --repeats 5
     python bench/adder_conv.py --batch 256 --impl pallas,xla,naive,conv-fp32 --output gpu.md
     python bench/adder_conv.py --batch 256 --impl pallas,file=old_pallas.py --layers 1,3
+    python bench/adder_conv.py --shapes detection --batch 1 --layers 0,10,14 --repeats 3
+
+``--shapes detection`` times the layers of the ResNet-18 + FPN detector instead (at the VOC
+input size; its P2 output layer is 256 -> 256 at 256 x 256): detection feeds the adder maps
+64 times larger than CIFAR's, at batch 1-4.
 """
 
 from __future__ import annotations
@@ -120,6 +125,33 @@ RESNET20_LAYERS = (
 )
 
 
+# The distinct adder layers a Faster R-CNN + FPN detector with a ResNet-18 backbone feeds at
+# the VOC input size (configs/voc_frcnn_default.py: images on a 1024 x 1024 canvas, so C2 is
+# 256 x 256): the backbone's stages (the 7x7 stem multiplies), then the neck's 1x1 laterals
+# (C2-C5 -> 256) and 3x3 outputs (256 -> 256 at P2-P5), as awn_jax/detection/fpn.py builds it.
+DETECTION_LAYERS = (
+    Layer(3, 1, 64, 64, 256),
+    Layer(3, 2, 64, 128, 256),
+    Layer(1, 2, 64, 128, 256),
+    Layer(3, 1, 128, 128, 128),
+    Layer(3, 2, 128, 256, 128),
+    Layer(1, 2, 128, 256, 128),
+    Layer(3, 1, 256, 256, 64),
+    Layer(3, 2, 256, 512, 64),
+    Layer(1, 2, 256, 512, 64),
+    Layer(3, 1, 512, 512, 32),
+    Layer(1, 1, 64, 256, 256),
+    Layer(1, 1, 128, 256, 128),
+    Layer(1, 1, 256, 256, 64),
+    Layer(1, 1, 512, 256, 32),
+    Layer(3, 1, 256, 256, 256),
+    Layer(3, 1, 256, 256, 128),
+    Layer(3, 1, 256, 256, 32),
+)
+
+SHAPES = {"resnet20": RESNET20_LAYERS, "detection": DETECTION_LAYERS}
+
+
 # The correctness check's layers: stride 1 and 2, padding 1 and 0, kernels 3 and 1, one and
 # two channel tiles of the Pallas kernels (fewer compilations than all seven).
 CHECK_LAYERS = tuple(RESNET20_LAYERS[i] for i in (0, 3, 4, 6))
@@ -175,13 +207,25 @@ def parse_impl(spec: str) -> Impl:
                                                                implementation=spec))
 
 
-def parse_layers(parser: argparse.ArgumentParser, spec: str) -> list[Layer]:
-    """``--layers``: comma-separated indices into RESNET20_LAYERS; empty: all of them."""
+def parse_layers(parser: argparse.ArgumentParser, spec: str,
+                 shapes: str = "resnet20") -> list[Layer]:
+    """``--layers``: comma-separated indices into ``SHAPES[shapes]``; empty: all of them."""
+    table = SHAPES[shapes]
     try:
-        layers = [RESNET20_LAYERS[int(i)] for i in spec.split(",") if i.strip()]
+        layers = [table[int(i)] for i in spec.split(",") if i.strip()]
     except (ValueError, IndexError):
-        parser.error(f"--layers: indices 0-{len(RESNET20_LAYERS) - 1}, got {spec!r}")
-    return layers or list(RESNET20_LAYERS)
+        parser.error(f"--layers: indices 0-{len(table) - 1} of --shapes {shapes}, got {spec!r}")
+    return layers or list(table)
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, default_layers: str = ""):
+    """``--shapes`` (which network's layers) and ``--layers`` (which of them)."""
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="resnet20",
+                        help="resnet20: the CIFAR ResNet-20's seven adder layers; detection: "
+                             "the ResNet-18 + FPN detector's at the VOC input size")
+    parser.add_argument("--layers", default=default_layers,
+                        help="comma-separated indices (in the table's order) into --shapes' "
+                             "layers; empty: all of them")
 
 
 def conv_fn(stride: int, padding: int, precision=None):
@@ -326,12 +370,10 @@ def main():
                         help="batch of the correctness check (0: no check)")
     parser.add_argument("--time-budget-s", type=float, default=0.0,
                         help="start no new measurement after this many seconds (0: no limit)")
-    parser.add_argument("--layers", default="",
-                        help="comma-separated indices into the seven ResNet-20 layers "
-                             "(0-6, in the table's order) to time; default all")
+    add_shape_arguments(parser)
     parser.add_argument("--output", help="also write the report (Markdown) to this file")
     args = parser.parse_args()
-    layers = parse_layers(parser, args.layers)
+    layers = parse_layers(parser, args.layers, args.shapes)
 
     start = time.perf_counter()
     impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]

@@ -15,6 +15,10 @@ costs. The target is the adder within 2x of lax.conv's total.
 
     python bench/adder_memory.py --batch 256 --impl xla,native,naive
     python bench/adder_memory.py --batch 256 --impl pallas --layers 0,1,2,3,4,5,6   # on a GPU
+    python bench/adder_memory.py --shapes detection --batch 1 --impl native,xla --layers ""
+
+``--shapes detection``: the layers of the ResNet-18 + FPN detector at the VOC input size
+(``adder_conv.DETECTION_LAYERS``), where the naive broadcast would take hundreds of GB.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import datetime
 
 import jax
 
-from adder_conv import conv_fn, fwd_bwd, machine_info, make_inputs, parse_impl, parse_layers
+from adder_conv import (add_shape_arguments, conv_fn, fwd_bwd, machine_info, make_inputs,
+                        parse_impl, parse_layers)
 
 MB = 2 ** 20
 
@@ -42,16 +47,15 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--impl", default="auto,naive",
                         help="comma-separated implementations, as in adder_conv.py --impl")
-    parser.add_argument("--layers", default="0,4",
-                        help="comma-separated indices into the seven ResNet-20 layers (0-6)")
+    add_shape_arguments(parser, default_layers="0,4")
     args = parser.parse_args()
     impls = [parse_impl(spec) for spec in args.impl.split(",") if spec.strip()]
-    layers = parse_layers(parser, args.layers)
+    layers = parse_layers(parser, args.layers, args.shapes)
 
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {machine_info()}")
     print(f"command: python bench/adder_memory.py --batch {args.batch} --impl {args.impl} "
-          f"--layers {args.layers}\n")
+          f"--shapes {args.shapes} --layers {args.layers}\n")
     print("| layer | N | naive broadcast | pass | op | arguments | outputs | temp | total "
           "| total / conv |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|")
