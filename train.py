@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from awn_jax import cli
 from awn_jax.detection import training as detection
 from awn_jax.distributed import maybe_initialize_distributed
-from awn_jax.training import train_and_evaluate
+from awn_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Training configuration file.", lock_config=True)

@@ -24,7 +24,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from awn_jax import data  # noqa: E402
 from awn_jax.distributed import make_mesh  # noqa: E402
-from awn_jax.training import Trainer  # noqa: E402
+from awn_jax.training.loop import Trainer  # noqa: E402
 from configs import default  # noqa: E402
 
 LAYER_TYPES = ("conv", "adder", "adder-ws", "adder-awn")

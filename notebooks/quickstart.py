@@ -107,7 +107,7 @@ from awn_jax.ops import adder_conv2d
 from awn_jax.ops.reference import adder_conv2d_reference
 from awn_jax.robustness import attacks
 from awn_jax.robustness.table import EVAL_BN_MODES
-from awn_jax.training import train_and_evaluate
+from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
 from awn_jax.training.runs import load_run
 from configs import default as default_config

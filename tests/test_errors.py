@@ -19,7 +19,8 @@ from awn_jax.training import config_checks
 from awn_jax.data import get_dataset, image_folder
 from awn_jax.errors import MissingDataError, NonFiniteLossError, UserError
 from awn_jax.reproduction import campaign
-from awn_jax.training import checkpointing, train_and_evaluate
+from awn_jax.training import checkpointing
+from awn_jax.training.loop import train_and_evaluate
 from configs import default
 from test_configs import CONFIG_FILES, DETECTION_FILES, load
 

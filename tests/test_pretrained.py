@@ -13,7 +13,7 @@ import pytest
 
 from awn_jax import pretrained
 from awn_jax.errors import UserError
-from awn_jax.training import train_and_evaluate
+from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.runs import load_run
 from configs import smoke
 

@@ -19,7 +19,7 @@ from awn_jax import reports
 from awn_jax.nn import set_bn_mode
 from awn_jax.stability import curves, distributions, interpolation, theory
 from awn_jax.stability import variance_theory as vt
-from awn_jax.training import train_and_evaluate
+from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
 from awn_jax.training.runs import load_run
 from configs import smoke

@@ -14,7 +14,8 @@ import pytest
 from awn_jax import data
 from awn_jax.distributed import make_mesh
 from awn_jax.ops import adder_vjp
-from awn_jax.training import Trainer, checkpointing, train_and_evaluate
+from awn_jax.training import checkpointing
+from awn_jax.training.loop import Trainer, train_and_evaluate
 from awn_jax.training import loop as train_module
 from awn_jax.training.metrics import read_metrics
 from configs import smoke

@@ -26,7 +26,7 @@ from absl import logging
 
 from awn_jax import reports
 from awn_jax.errors import UserError
-from awn_jax.training import train_and_evaluate
+from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
 from configs import cifar10_r20_ann, cifar10_r20_awn, cifar10_r20_cnn, cifar10_r20_ws
 

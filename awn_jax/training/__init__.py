@@ -8,8 +8,7 @@ loading a finished run back for evaluation.
 * :mod:`.checkpointing` -- Orbax checkpoints and the run's saved config.
 * :mod:`.metrics` -- ``metrics.jsonl`` and TensorBoard scalars.
 * :mod:`.runs` -- a saved run loaded back (config, dataset, model of any epoch).
+
+The package imports none of them, so loading a run's checkpoints (``.checkpointing``, as
+the analyses do) does not load the trainer.
 """
-
-from awn_jax.training.loop import Trainer, train_and_evaluate
-
-__all__ = ["Trainer", "train_and_evaluate"]
