@@ -19,7 +19,9 @@ workdir):
                APGD-CE, APGD-DLR, Square, transfer from tracked, EOT over unknown batch
                partners, worst case; harm to clean batch mates against the attacker's
                share of the batch; controls (batch size 1, single-class batches):
-               strict.json/.md/.png (docs/ROBUSTNESS.md, "Strict evaluation")
+               strict.json/.md/.png (docs/ROBUSTNESS.md, "Strict evaluation"); each
+               finished part is kept in strict-parts/, so the same command, restarted
+               after a kill, goes on where it stopped
 A detection workdir (trained from a configs/voc_frcnn_* config) gets its VOC mAP and
 per-class AP table instead (detection_eval.json/.md; --epoch, --data-dir, --num-examples
 and --output-dir apply). Without --workdir, the --config file's workdir is used;
@@ -28,6 +30,7 @@ from --data-dir, or TFDS).
 """
 
 import dataclasses
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -177,7 +180,8 @@ def main(argv):
             run, bn_modes, num_examples=_NUM_EXAMPLES.value,
             batch_size=_BATCH_SIZE.value or 500, eps=_EPS.value or attacks.DEFAULT_EPS,
             step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
-            budgets=budgets) for run in runs]
+            budgets=budgets, cache_dir=os.path.join(output_dir, "strict-parts"))
+            for run in runs]
         print(strict.write_strict(results, output_dir))
     else:
         batch_sizes = _numbers(_BATCH_SIZES, int)

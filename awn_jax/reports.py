@@ -1,5 +1,6 @@
 """The one writer of results: ``<stem>.json`` (numpy values as plain numbers), an optional
-``<stem>.md`` table beside it, and figures drawn outside pyplot.
+``<stem>.md`` table beside it, figures drawn outside pyplot, and the cache of a long
+study's finished parts.
 
 Every table and study (Table 1, the sweeps, the batch study, the stability studies, the
 reproduction report) writes through here, so every result is found and read the same way.
@@ -23,6 +24,23 @@ def write(output_dir: str, stem: str, results, markdown: str | None = None) -> s
     if markdown is not None:
         _replace(os.path.join(output_dir, f"{stem}.md"), markdown.rstrip("\n") + "\n")
     return path
+
+
+def cached(output_dir: str, stem: str, key: dict, compute):
+    """``compute()``'s result, or the one an earlier call saved as ``<output_dir>/<stem>.json``
+    with the same ``key`` (a dict of JSON values saved beside the result, e.g. the settings
+    that produced it): a killed study, restarted, loses only the part in progress. Both
+    paths return what the JSON reads back (lists, not arrays or tuples)."""
+    path = os.path.join(output_dir, f"{stem}.json")
+    key = json.loads(json.dumps(key, default=_to_builtin))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if all(saved.get(name) == value for name, value in key.items()):
+            return saved["results"]
+    write(output_dir, stem, {**key, "results": compute()})
+    with open(path) as f:
+        return json.load(f)["results"]
 
 
 def new_figure(*grid, figsize, **subplots_kwargs):

@@ -4,6 +4,7 @@ study's report, on the tiny trained network of test_robustness.py."""
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from awn_jax.evaluation import Evaluator
 from awn_jax.robustness import strict
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
 from test_robustness import REPO_ROOT, TinyNet, resnet_workdir, tiny_run  # noqa: F401
@@ -101,14 +103,15 @@ def test_harm_sizes():
     assert strict.harm_sizes(16) == (1, 2, 4)
 
 
-def test_strict_study_checklist_harm_controls_and_report(tiny_run, tmp_path):  # noqa: F811
+def test_strict_study_checklist_harm_controls_report_and_resume(tiny_run, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
     run = dataclasses.replace(tiny_run, eval_chunk_size=128)   # 8 batches: one per device
     budgets = strict.Budgets(apgd_steps=10, square_queries=40, eot_attacked=4, eot_draws=2,
                              eot_steps=4, mate_steps=5, mate_unbounded=True,
                              mate_sizes=(1, 8), control_batch_size=8)
-    study = strict.strict_study(run, ["tracked", "running-mean"], num_examples=64,
-                                batch_size=BATCH, eps=0.1, step_size=0.025, budgets=budgets,
-                                show_progress=False)
+    settings = dict(num_examples=64, batch_size=BATCH, eps=0.1, step_size=0.025,
+                    budgets=budgets, show_progress=False, cache_dir=str(tmp_path / "parts"))
+    study = strict.strict_study(run, ["tracked", "running-mean"], **settings)
     assert study["num_examples"] == 64
     for mode, result in study["modes"].items():
         checks = result["checks"]
@@ -136,6 +139,23 @@ def test_strict_study_checklist_harm_controls_and_report(tiny_run, tmp_path):  #
     assert (batch_mode["harm"][-1]["attacked"]["accuracy"]
             < batch_mode["harm"][-1]["clean"]["accuracy"])
     assert batch_mode["controls"]["batch size 1"]["clean"]["accuracy"] < 0.5
+
+    # Restarted: every part comes from the cache, nothing is evaluated again; one part
+    # lost (a kill in progress) is the only one recomputed, to the same result.
+    parts = sorted(os.listdir(tmp_path / "parts"))
+    assert len(parts) == 2 * (7 + 2 + 3) and "tiny-running-mean-square.json" in parts
+    evaluated, logits = [], Evaluator.logits
+
+    def counted_logits(self, *args, **kwargs):   # every evaluation passes through it
+        evaluated.append(kwargs["bn_mode"])
+        return logits(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "logits", counted_logits)
+    assert strict.strict_study(run, ["tracked", "running-mean"], **settings) == study
+    assert evaluated == []
+    os.remove(tmp_path / "parts" / "tiny-running-mean-square.json")
+    assert strict.strict_study(run, ["tracked", "running-mean"], **settings) == study
+    assert evaluated == ["running-mean"]
 
     tables = strict.write_strict([study], str(tmp_path))
     with open(tmp_path / "strict.json") as f:

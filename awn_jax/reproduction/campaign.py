@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import multiprocessing
 import os
 import tarfile
@@ -157,17 +156,8 @@ def stage_name(stage: str, layer_type: str) -> str:
 
 def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
     """``compute()``'s result, or the one saved for the same runs by an earlier call."""
-    stages_dir = os.path.join(report_dir, "stages")
-    path = os.path.join(stages_dir, f"{stage}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("epochs") == epochs:
-            return saved["results"]
-    results = compute()
-    reports.write(stages_dir, stage, {"epochs": epochs, "results": results})
-    with open(path) as f:  # what a later call reads back: the same JSON types
-        return json.load(f)["results"]
+    return reports.cached(os.path.join(report_dir, "stages"), stage, {"epochs": epochs},
+                          compute)
 
 
 def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGES,

@@ -18,6 +18,10 @@ test images in batches of ``B``:
   in single-class batches (the batch mean is then a class mean), and on the same examples
   in mixed batches of that size.
 
+With a ``cache_dir``, every part (one checklist row, one harm point, one control, of one
+mode) is saved when done and reused by a restarted study with the same settings, so a
+killed study (hours on a CPU) loses only the part in progress.
+
 Standard errors are binomial, ``sqrt(p (1 - p) / n)``; for the harm curve the mates of
 one batch share their attacker, so the true error there is larger.
 """
@@ -25,6 +29,7 @@ one batch share their attacker, so the true error there is larger.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -92,12 +97,30 @@ def worst_case(per_example: dict) -> np.ndarray:
 
 
 class _Study:
-    """The evaluations of one run, all through ``run.evaluator``."""
+    """The evaluations of one run, all through ``run.evaluator``; each part saved under
+    ``cache_dir`` (if given) with the study's ``settings``."""
 
-    def __init__(self, run, images, labels, *, batch_size, eps, step_size, seed, budgets):
+    def __init__(self, run, images, labels, *, batch_size, eps, step_size, seed, budgets,
+                 settings, cache_dir, progress):
         self.run, self.images, self.labels = run, images, labels
         self.batch_size, self.eps, self.step_size, self.seed = batch_size, eps, step_size, seed
-        self.budgets = budgets
+        self.budgets, self.settings, self.cache_dir = budgets, settings, cache_dir
+        self.progress = progress
+
+    def part(self, mode, name, compute):
+        """``compute()`` (a JSON value), or its saved result."""
+        self.progress.set_postfix_str(f"{mode}: {name}")
+        if self.cache_dir is None:
+            result = compute()
+        else:
+            stem = f"{run_label(self.run)}-{mode}-{name}".replace(" ", "-")
+            result = reports.cached(self.cache_dir, stem, {"settings": self.settings}, compute)
+        self.progress.update()
+        return result
+
+    def per_example(self, mode, name, compute) -> np.ndarray:
+        """``part`` of a per-example boolean array."""
+        return np.asarray(self.part(mode, name, lambda: compute().tolist()), bool)
 
     def key(self, name):
         return jax.random.fold_in(jax.random.key(self.seed), _KEYS.index(name))
@@ -125,21 +148,20 @@ class _Study:
                                   step_size=self.step_size if takes_step else None)
 
     def checklist(self, mode) -> dict:
-        b = self.budgets
-        per_example = {
-            "clean": self.correct(mode),
-            "pgd": self.correct(mode, attack=self.attack("pgd"), key_name="pgd"),
-            "apgd-ce": self.correct(mode, attack=self.attack("apgd-ce"), key_name="apgd-ce"),
-            "apgd-dlr": self.correct(mode, attack=self.attack("apgd-dlr"),
-                                     key_name="apgd-dlr"),
-            "square": self.correct(mode, attack=self.attack("square"), key_name="square"),
+        transfer = self.budgets.transfer_attack
+        computations = {
+            "clean": lambda: self.correct(mode),
+            **{name: functools.partial(self.correct, mode, attack=self.attack(name),
+                                       key_name=name)
+               for name in ("pgd", "apgd-ce", "apgd-dlr", "square")},
             # The transferred attack's own key: under tracked it is that row exactly.
-            "transfer": self.correct(mode, attack=self.attack(b.transfer_attack),
-                                     attack_bn_mode="tracked",
-                                     key_name=b.transfer_attack if b.transfer_attack in
-                                     CHECKS else "transfer"),
-            "eot": self.eot(mode),
+            "transfer": lambda: self.correct(
+                mode, attack=self.attack(transfer), attack_bn_mode="tracked",
+                key_name=transfer if transfer in CHECKS else "transfer"),
+            "eot": lambda: self.eot(mode),
         }
+        per_example = {name: self.per_example(mode, name, compute)
+                       for name, compute in computations.items()}
         per_example["worst"] = worst_case(per_example)
         return {name: binomial(v) for name, v in per_example.items()}
 
@@ -164,15 +186,16 @@ class _Study:
         b = self.budgets
         eps = 1.0 if b.mate_unbounded else self.eps
         attack = (BatchMate(b.mate_steps), (eps, eps / 4))
-        rows = []
-        for k in b.mate_sizes or harm_sizes(self.batch_size):
+
+        def point(k):
             common = dict(attacked=k, score="mates")
             clean = self.correct(mode, **common)
             attacked = self.correct(mode, attack=attack, key_name="mates", **common)
-            rows.append({"k": k, "fraction": k / self.batch_size, "clean": binomial(clean),
-                         "attacked": binomial(attacked),
-                         "flipped": int(np.sum(clean != attacked))})
-        return rows
+            return {"k": k, "fraction": k / self.batch_size, "clean": binomial(clean),
+                    "attacked": binomial(attacked), "flipped": int(np.sum(clean != attacked))}
+
+        return [self.part(mode, f"harm-k{k}", functools.partial(point, k))
+                for k in self.settings["budgets"]["mate_sizes"]]
 
     def controls(self, mode) -> dict:
         size = self.budgets.control_batch_size
@@ -183,23 +206,29 @@ class _Study:
             raise UserError(f"no class has {size} of the {len(self.labels)} examples for "
                             "single-class batches; lower control_batch_size")
         mixed = np.random.default_rng([self.seed, 17]).permutation(single)
-        out = {}
-        for name, rows, batch_size in (("batch size 1", np.arange(len(self.labels)), 1),
-                                       (f"single-class batches of {size}", single, size),
-                                       (f"mixed batches of {size}", mixed, size)):
+
+        def control(rows, batch_size):
             common = dict(images=self.images[rows], labels=self.labels[rows],
                           batch_size=batch_size)
-            out[name] = {"clean": binomial(self.correct(mode, **common)),
-                         "pgd": binomial(self.correct(mode, attack=self.attack("pgd"),
-                                                      key_name="pgd", **common))}
-        return out
+            return {"clean": binomial(self.correct(mode, **common)),
+                    "pgd": binomial(self.correct(mode, attack=self.attack("pgd"),
+                                                 key_name="pgd", **common))}
+
+        return {name: self.part(mode, f"control-{name}",
+                                functools.partial(control, rows, batch_size))
+                for name, rows, batch_size in (
+                    ("batch size 1", np.arange(len(self.labels)), 1),
+                    (f"single-class batches of {size}", single, size),
+                    (f"mixed batches of {size}", mixed, size))}
 
 
 def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attacks.DEFAULT_EPS,
                  step_size=attacks.DEFAULT_STEP_SIZE, seed=0, budgets=Budgets(),
-                 show_progress=True) -> dict:
+                 show_progress=True, cache_dir: str | None = None) -> dict:
     """Checklist, harm curve and controls of ``run`` under each BN mode, on the first
-    ``num_examples`` test images (cut to a multiple of the batch and of EOT's ``k``)."""
+    ``num_examples`` test images (cut to a multiple of the batch and of EOT's ``k``);
+    each finished part saved under ``cache_dir`` (if given) and reused by a later call
+    with the same run, epoch and settings."""
     check_bn_modes(bn_modes)
     attacks.check_attack_name(budgets.transfer_attack)
     eot_k = budgets.eot_attacked or max(1, batch_size // 10)
@@ -209,19 +238,20 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
             raise UserError(f"{what} attacked images per batch must be in "
                             f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
     images, labels = run.test_set(num_examples, multiple_of=math.lcm(batch_size, eot_k))
-    study = _Study(run, images, labels, batch_size=batch_size, eps=eps, step_size=step_size,
-                   seed=seed, budgets=budgets)
-    modes = {}
-    for mode in tqdm.tqdm(bn_modes, desc=run_label(run), unit="mode",
-                          disable=not show_progress):
-        modes[mode] = {"checks": study.checklist(mode), "harm": study.harm(mode),
-                       "controls": study.controls(mode)}
-    return {"run": run_label(run), "model": run.name, "workdir": run.workdir,
-            "epoch": run.epoch, "num_examples": len(images), "batch_size": batch_size,
-            "eps": eps, "step_size": step_size, "seed": seed,
-            "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
-                        "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))},
-            "modes": modes}
+    settings = {"run": run_label(run), "model": run.name, "workdir": run.workdir,
+                "epoch": run.epoch, "num_examples": len(images), "batch_size": batch_size,
+                "eps": eps, "step_size": step_size, "seed": seed,
+                "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
+                            "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}
+    parts = len(CHECKS) - 1 + len(settings["budgets"]["mate_sizes"]) + 3  # worst: no part
+    with tqdm.tqdm(total=parts * len(bn_modes), desc=run_label(run), unit="part",
+                   disable=not show_progress) as progress:
+        study = _Study(run, images, labels, batch_size=batch_size, eps=eps,
+                       step_size=step_size, seed=seed, budgets=budgets, settings=settings,
+                       cache_dir=cache_dir, progress=progress)
+        modes = {mode: {"checks": study.checklist(mode), "harm": study.harm(mode),
+                        "controls": study.controls(mode)} for mode in bn_modes}
+    return {**settings, "modes": modes}
 
 
 # ------------------------------------------------------------------------------ report
