@@ -98,6 +98,23 @@ def test_worst_case_is_the_per_example_conjunction():
                                       "se": pytest.approx((0.25 * 0.75 / 4) ** 0.5)}
 
 
+def test_part_names_are_portable():
+    assert strict._portable("pretrained:cifar10_r20_ann-running mean-batch size 1") == (
+        "pretrained-cifar10_r20_ann-running-mean-batch-size-1")
+
+
+def test_weights_sha256_names_the_weights(tiny_run):  # noqa: F811
+    """Equal for equal weights, different when one parameter or BN statistic moves by an ulp."""
+    same = dataclasses.replace(tiny_run, params=jax.tree.map(np.array, tiny_run.params))
+    assert same.weights_sha256 == tiny_run.weights_sha256
+    for field in ("params", "batch_stats"):
+        leaves, treedef = jax.tree.flatten(getattr(tiny_run, field))
+        leaves[-1] = np.array(leaves[-1])
+        leaves[-1].flat[0] = np.nextafter(leaves[-1].flat[0], np.inf)   # one ulp
+        changed = dataclasses.replace(tiny_run, **{field: jax.tree.unflatten(treedef, leaves)})
+        assert changed.weights_sha256 != tiny_run.weights_sha256, field
+
+
 def test_harm_sizes():
     assert strict.harm_sizes(500) == (1, 25, 50, 125)
     assert strict.harm_sizes(16) == (1, 2, 4)
@@ -113,6 +130,7 @@ def test_strict_study_checklist_harm_controls_report_and_resume(tiny_run, tmp_pa
                     budgets=budgets, show_progress=False, cache_dir=str(tmp_path / "parts"))
     study = strict.strict_study(run, ["tracked", "running-mean"], **settings)
     assert study["num_examples"] == 64
+    assert study["weights_sha256"] == run.weights_sha256   # parts are keyed by the weights
     for mode, result in study["modes"].items():
         checks = result["checks"]
         assert set(checks) == set(strict.CHECKS)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import numpy as np
@@ -96,6 +97,12 @@ def worst_case(per_example: dict) -> np.ndarray:
     return np.logical_and.reduce([np.asarray(v, bool) for v in per_example.values()])
 
 
+def _portable(stem: str) -> str:
+    """``stem`` with every run of characters other than letters, digits, ``_ . -`` as one
+    ``-``: part files whose names every file system (and a Windows checkout) accepts."""
+    return re.sub(r"[^\w.-]+", "-", stem)
+
+
 class _Study:
     """The evaluations of one run, all through ``run.evaluator``; each part saved under
     ``cache_dir`` (if given) with the study's ``settings``."""
@@ -113,7 +120,7 @@ class _Study:
         if self.cache_dir is None:
             result = compute()
         else:
-            stem = f"{run_label(self.run)}-{mode}-{name}".replace(" ", "-")
+            stem = _portable(f"{run_label(self.run)}-{mode}-{name}")
             result = reports.cached(self.cache_dir, stem, {"settings": self.settings}, compute)
         self.progress.update()
         return result
@@ -228,7 +235,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
     """Checklist, harm curve and controls of ``run`` under each BN mode, on the first
     ``num_examples`` test images (cut to a multiple of the batch and of EOT's ``k``);
     each finished part saved under ``cache_dir`` (if given) and reused by a later call
-    with the same run, epoch and settings."""
+    with the same weights (``run.weights_sha256``) and settings."""
     check_bn_modes(bn_modes)
     attacks.check_attack_name(budgets.transfer_attack)
     eot_k = budgets.eot_attacked or max(1, batch_size // 10)
@@ -239,7 +246,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                             f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
     images, labels = run.test_set(num_examples, multiple_of=math.lcm(batch_size, eot_k))
     settings = {"run": run_label(run), "model": run.name, "workdir": run.workdir,
-                "epoch": run.epoch, "num_examples": len(images), "batch_size": batch_size,
+                "epoch": run.epoch, "weights_sha256": run.weights_sha256, "num_examples": len(images), "batch_size": batch_size,
                 "eps": eps, "step_size": step_size, "seed": seed,
                 "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
                             "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from awn_jax import data
 from awn_jax.errors import UserError
 from awn_jax.evaluation import Evaluator
-from awn_jax.model import apply_model, with_bn_mode
+from awn_jax.model import apply_model, named_leaves, with_bn_mode
 from awn_jax.training import checkpointing
 from awn_jax.training.state import create_train_state
 
@@ -33,6 +34,19 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.config.model}-{self.config.layer_type}"
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """sha256 of the parameters and BN statistics (names, dtypes, shapes, bytes): what
+        a cached result of this run is keyed by, since a workdir's or shipped model's name
+        and epoch can be reused by different weights (a rerun, a re-export)."""
+        digest = hashlib.sha256()
+        for prefix, tree in (("params/", self.params), ("batch_stats/", self.batch_stats)):
+            for name, leaf in sorted(named_leaves(jax.device_get(tree)).items()):
+                value = np.ascontiguousarray(leaf)
+                digest.update(f"{prefix}{name}:{value.dtype}:{value.shape};".encode())
+                digest.update(value.tobytes())
+        return digest.hexdigest()
 
     @functools.cached_property
     def evaluator(self) -> Evaluator:
