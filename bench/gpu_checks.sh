@@ -4,6 +4,7 @@
 #
 #   PHASES="1 2 3" bash bench/gpu_checks.sh OUT_DIR DATA_DIR WORKDIR...
 #   PHASES="4 2" OLD_PALLAS=old_pallas.py bash bench/gpu_checks.sh OUT_DIR -
+#   PHASES="6 5" bash bench/gpu_checks.sh OUT_DIR DATA_DIR   # DATA_DIR: CIFAR-10 image folder
 #
 # The GPU machine has JAX with CUDA, flax, optax, orbax and chex but not ml_collections or
 # tensorboardX: those travel as wheels in .whl/core (pip download --no-deps); its own
@@ -18,6 +19,13 @@
 #      of adder_pallas.py ($OLD_PALLAS, e.g. `git show REV:awn_jax/ops/adder_pallas.py`), both
 #      checked against the float64 reference first; tile variants ($DX_VARIANTS) timed in two
 #      orders; the compiled memory of the Pallas layers.
+#   5. detection (alone): images/s and compiled memory of the Faster R-CNN + FPN train step
+#      at the VOC input size, CNN / ANN / ANN-AWN (bench/detection.py);
+#   6. the strict study (issue 13) of the four shipped ResNet-20s at GPU budgets, one process
+#      per model (compilation is CPU-bound): 2,000 test images of DATA_DIR, APGD 100
+#      iterations, Square 1,000 queries, EOT 4 draws x 10 steps, harm 10 steps; each
+#      process keeps its finished parts, so a rerun of the phase resumes. STRICT_ARGS
+#      replaces the budgets (e.g. tiny ones for a dry run on a CPU).
 # Each step has its own time limit, so a slow step loses only its own results.
 set -u
 out=$1 data=$2; shift 2
@@ -85,5 +93,31 @@ evaluate steps_sweep "${runs[@]}" --study steps-sweep --bn-mode tracked,running-
 wait
 tail -n 25 "$out"/eval/*.log
 tar czf "$out/eval.tgz" -C "$out" eval && rm -rf "$out/eval"
+fi
+if [[ $phases == *5* ]]; then
+log "phase 5: detection train steps"
+timeout 300 python3 bench/detection.py --batch 4 --repeats 3 > "$out/detection_gpu.txt" 2>&1
+cat "$out/detection_gpu.txt"
+
+fi
+if [[ $phases == *6* ]]; then
+log "phase 6: strict study of the shipped models (parallel processes)"
+python3 -c 'import tqdm, matplotlib' || echo "phase 6 needs tqdm and matplotlib: add wheels to .whl/core"
+if [[ ! -d $data/test && -f gpu_payload/cifar10.jpack.npz ]]; then  # see gpu_reproduce.sh
+  python3 -m awn_jax.data.jpeg_pack unpack gpu_payload/cifar10.jpack.npz "$data"
+fi
+strict_args=${STRICT_ARGS:---num-examples 2000 --batch-size 500 --apgd-steps 100 \
+--square-queries 1000 --eot-attacked 50 --eot-draws 4 --eot-steps 10 --mate-steps 10 \
+--control-batch-size 50}
+for model in cifar10_r20_awn cifar10_r20_ann cifar10_r20_ws cifar10_r20_cnn; do
+  # shellcheck disable=SC2086  # strict_args is a list of flags
+  timeout 540 python3 evaluate.py --study strict --bn-mode all --pretrained "$model" \
+    --data-dir "$data" $strict_args --output-dir "$out/strict/$model" \
+    > "$out/strict_$model.log" 2>&1 &
+done
+wait
+for model in cifar10_r20_awn cifar10_r20_ann cifar10_r20_ws cifar10_r20_cnn; do
+  echo "== $model"; tail -c 2000 "$out/strict_$model.log" | tr '\r' '\n' | tail -n 25
+done
 fi
 log done
