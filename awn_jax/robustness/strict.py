@@ -246,7 +246,8 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                             f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
     images, labels = run.test_set(num_examples, multiple_of=math.lcm(batch_size, eot_k))
     settings = {"run": run_label(run), "model": run.name, "workdir": run.workdir,
-                "epoch": run.epoch, "weights_sha256": run.weights_sha256, "num_examples": len(images), "batch_size": batch_size,
+                "epoch": run.epoch, "weights_sha256": run.weights_sha256,
+                "num_examples": len(images), "batch_size": batch_size,
                 "eps": eps, "step_size": step_size, "seed": seed,
                 "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
                             "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}
