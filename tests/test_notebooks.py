@@ -3,8 +3,9 @@ quickstart and reproduce_paper run top to bottom in their small mode and compute
 say they do.
 
 Each notebook runs in a subprocess, as a user's kernel would: with JAX's default single
-CPU device (not the 8 fake devices of conftest.py), the non-interactive Agg backend and
-a temporary workdir. It leaves its numbers in a ``summary`` dict, which is checked here.
+CPU device (not the 8 fake devices of conftest.py, only its compilation cache and
+optimization level), the non-interactive Agg backend and a temporary workdir. It leaves
+its numbers in a ``summary`` dict, which is checked here.
 """
 
 import json
