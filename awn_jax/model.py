@@ -72,6 +72,24 @@ def named_leaves(tree) -> dict[str, np.ndarray]:
     return named
 
 
+def fill_named(template, arrays, prefix: str = ""):
+    """``template``'s pytree with each leaf replaced by ``arrays[prefix + name]`` (names as
+    :func:`named_leaves` gives them): weights read back from a file, statistics replaced."""
+    names = list(named_leaves(template))
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    missing = [n for n in names if prefix + n not in arrays]
+    if missing:
+        raise UserError(f"the weights file lacks {missing[:3]}...: not this model's weights")
+    filled = []
+    for leaf, name in zip(leaves, names):
+        value = np.asarray(arrays[prefix + name])
+        if value.shape != np.shape(leaf):
+            raise UserError(f"{name}: shape {value.shape} in the file, {np.shape(leaf)} in "
+                            "the model")
+        filled.append(value)
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+
 def bn_drift(previous, current) -> dict:
     """Change of all BN running means and variances over the epoch, relative to their
     current size (1.0 when they started from zero)."""

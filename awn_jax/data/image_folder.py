@@ -16,12 +16,13 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from awn_jax import paths
 from awn_jax.data import pipeline
 from awn_jax.errors import MissingDataError, UserError
 
 SPLITS = ("train", "test")
 SUFFIXES = (".jpg", ".jpeg", ".png")
-CACHE_ENV = "AWN_JAX_CACHE_DIR"  # defaults to ~/.cache/awn_jax
+CACHE_ENV = paths.CACHE_ENV  # the decoded arrays go to awn_jax.paths.cache_dir()
 
 
 def load(config):
@@ -115,8 +116,7 @@ def _cache_path(split_dir, files, image_size):
     for entry, label in files:
         stat = entry.stat()
         digest.update(f"|{label}/{entry.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    cache_dir = pathlib.Path(os.environ.get(CACHE_ENV, "~/.cache/awn_jax")).expanduser()
-    return cache_dir / f"image_folder-{split_dir.name}-{digest.hexdigest()[:20]}.npz"
+    return paths.cache_dir() / f"image_folder-{split_dir.name}-{digest.hexdigest()[:20]}.npz"
 
 
 def _save_atomically(path, **arrays):

@@ -21,7 +21,7 @@ _ORDER, _CROPS, _EXAMPLE = 0, 1, 2
 # runs are compared on the same images. The test order is shuffled once because image
 # folders list examples class by class, and batch statistics (BN modes "running-mean" and
 # "running") must not see single-class batches.
-_FIXED_SEED, _SUBSET, _TEST_ORDER = 2021, 0, 1
+_FIXED_SEED, _SUBSET, _TEST_ORDER, _STATISTICS_ORDER = 2021, 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +166,27 @@ class Dataset:
             images, labels = self._train.read_augmented(
                 order[positions], positions, self._seed, epoch)
             yield _batch(images, labels)
+
+    def statistics_batches(self, num_examples, batch_size, *, augment=False, seed=0):
+        """Batches of the first ``num_examples`` of a fixed shuffled order of the training
+        examples, the same whatever the run's seed: the images BatchNorm statistics are
+        re-estimated on (:mod:`awn_jax.bn_statistics`). ``augment``: with the training
+        augmentation, drawn from ``seed`` (as epoch 0 of a run with that seed)."""
+        if self._train is None:
+            raise UserError(f"{self.info.name}: re-estimating BatchNorm statistics needs the "
+                            "training split, and this dataset was loaded without it")
+        if not 1 <= num_examples <= self.info.num_train:
+            raise UserError(f"cannot take {num_examples} of the {self.info.num_train} "
+                            f"training examples of {self.info.name}")
+        order = np.random.default_rng([_FIXED_SEED, _STATISTICS_ORDER]).permutation(
+            self.info.num_train)[:num_examples]
+        order = self._train_indices[order]
+        for start in range(0, num_examples, batch_size):
+            positions = np.arange(start, min(start + batch_size, num_examples))
+            if augment:
+                yield _batch(*self._train.read_augmented(order[positions], positions, seed, 0))
+            else:
+                yield _batch(*self._train.read(order[positions]))
 
     def test_batches(self, global_batch_size, *, num_examples=None, process_index=0,
                      process_count=1):

@@ -15,6 +15,10 @@ as on one device.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -66,6 +70,9 @@ class BatchNorm(nnx.Module):
         if self.mode == "train":
             self._update_running_stats(mean, var, count=x.size // x.shape[-1])
         y = (x32 - mean) * (self.scale[...] / jnp.sqrt(var + self.eps)) + self.bias[...]
+        interceptor = _INTERCEPTOR.get()
+        if interceptor is not None:
+            y = interceptor(self, x32, y)
         return y.astype(x.dtype)
 
     def _update_running_stats(self, mean, biased_var, count: int):
@@ -77,6 +84,25 @@ class BatchNorm(nnx.Module):
         # set_value, not `[...] =`: the indexed form compares shardings, slow on tracers
         self.mean.set_value((1 - m) * self.mean[...] + m * mean)
         self.var.set_value((1 - m) * self.var[...] + m * unbiased_var)
+
+
+_INTERCEPTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "batchnorm_interceptor", default=None)
+
+
+@contextlib.contextmanager
+def intercept(fn: Callable):
+    """Inside this context every :class:`BatchNorm` call returns ``fn(module, x, y)``, ``x``
+    its input and ``y`` its output (both float32), instead of ``y``.
+
+    For reading what each layer meets (re-estimating statistics, diagnostics) or changing
+    what it passes on. It acts while a function is traced: enter it inside the function
+    given to ``jax.jit``, not around a call of an already compiled one."""
+    token = _INTERCEPTOR.set(fn)
+    try:
+        yield
+    finally:
+        _INTERCEPTOR.reset(token)
 
 
 def set_bn_mode(model: nnx.Module, mode: str) -> None:

@@ -12,7 +12,7 @@ windows only; the dispatcher sends other kernels to the XLA implementation.
 
 The C++ source is compiled on first use with the system compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; ``-O3 -march=native``) into a cache directory
-(``$AWN_JAX_NATIVE_CACHE``, default ``~/.cache/awn_jax/native``), keyed by a hash of the
+(``$AWN_JAX_NATIVE_CACHE``, default ``native/`` in :func:`awn_jax.paths.cache_dir`), keyed by a hash of the
 source, flags, compiler, JAX version and CPU, so a build is reused across processes and
 never shared between machines that would need different code. Without a compiler, or if
 the build fails, :func:`is_available` is False (the reason is logged once) and callers use
@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from awn_jax import paths
 from awn_jax.ops.adder_vjp import output_size
 
 _log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ def _compiler() -> str | None:
 def _cache_dir() -> Path:
     if "AWN_JAX_NATIVE_CACHE" in os.environ:
         return Path(os.environ["AWN_JAX_NATIVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "awn_jax" / "native"
+    return paths.cache_dir("native")
 
 
 def _cpu_identity() -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from awn_jax import data
 from awn_jax.errors import UserError
-from awn_jax.model import build_model, named_leaves, split_model
+from awn_jax.model import build_model, fill_named, named_leaves, split_model
 from awn_jax.training.runs import Run
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
@@ -63,23 +63,6 @@ def _info(entry) -> data.DatasetInfo:
                                for k, v in entry["dataset_info"].items()})
 
 
-def _fill(template, arrays, prefix):
-    """``template``'s pytree with each leaf replaced by ``arrays[prefix + name]``."""
-    names_ = list(named_leaves(template))
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    missing = [n for n in names_ if prefix + n not in arrays]
-    if missing:
-        raise UserError(f"the weights file lacks {missing[:3]}...: not this model's weights")
-    filled = []
-    for leaf, name in zip(leaves, names_):
-        value = np.asarray(arrays[prefix + name])
-        if value.shape != np.shape(leaf):
-            raise UserError(f"{name}: shape {value.shape} in the file, {np.shape(leaf)} in "
-                            "the model")
-        filled.append(value)
-    return jax.tree_util.tree_unflatten(treedef, filled)
-
-
 def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR) -> Run:
     """The shipped model ``name`` as a :class:`Run`. ``data_dir``: a CIFAR-10 image folder
     for its test images (``run.test_set``, evaluations); without it the run has no
@@ -96,8 +79,8 @@ def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR) -
     info = _info(entry)
     graphdef, params, batch_stats = split_model(build_model(config, info))
     with np.load(path) as arrays:
-        params = _fill(params, arrays, "params/")
-        batch_stats = _fill(batch_stats, arrays, "batch_stats/")
+        params = fill_named(params, arrays, "params/")
+        batch_stats = fill_named(batch_stats, arrays, "batch_stats/")
     dataset = None
     if data_dir:
         config.data_dir = os.path.abspath(os.path.expanduser(data_dir))

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from awn_jax import data
+from awn_jax import bn_statistics, data
 from awn_jax.errors import UserError
 from awn_jax.evaluation import Evaluator
 from awn_jax.model import apply_model, named_leaves, with_bn_mode
@@ -30,10 +30,22 @@ class Run:
     params: Any
     batch_stats: Any
     eval_chunk_size: int = 512  # examples per evaluation call (see ``Evaluator``)
+    bn_stats: bn_statistics.BNStats = bn_statistics.BNStats()  # what batch_stats holds
 
     @property
     def name(self) -> str:
         return f"{self.config.model}-{self.config.layer_type}"
+
+    def with_bn_stats(self, settings: bn_statistics.BNStats) -> Run:
+        """The same model with the BN statistics ``settings`` asks for (re-estimated ones are
+        computed once and kept beside the trained ones, which this run keeps)."""
+        if settings == self.bn_stats or not (settings.reestimated or self.bn_stats.reestimated):
+            return self
+        if self.bn_stats.reestimated:
+            raise UserError("re-estimate from the trained statistics: load the run again")
+        return dataclasses.replace(
+            self, batch_stats=bn_statistics.statistics_for_run(self, settings),
+            bn_stats=settings)
 
     @functools.cached_property
     def weights_sha256(self) -> str:
