@@ -22,6 +22,10 @@ workdir):
                strict.json/.md/.png (docs/ROBUSTNESS.md, "Strict evaluation"); each
                finished part is kept in strict-parts/, so the same command, restarted
                after a kill, goes on where it stopped
+--bn-stats reestimate (or reestimate-running-mean) evaluates every run with BatchNorm
+statistics re-estimated on --bn-stats-images training images instead of the running averages
+of training (awn_jax.bn_statistics; computed once, kept in <workdir>/bn_stats/); the reports
+name the statistics used.
 A detection workdir (trained from a configs/voc_frcnn_* config) gets its VOC mAP and
 per-class AP table instead (detection_eval.json/.md; --epoch, --data-dir, --num-examples
 and --output-dir apply). Without --workdir, the --config file's workdir is used;
@@ -35,7 +39,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from awn_jax import cli, pretrained, robustness
+from awn_jax import bn_statistics, cli, pretrained, robustness
 from awn_jax.detection import training as detection
 from awn_jax.errors import UserError
 from awn_jax.detection.evaluation import summary_table
@@ -101,6 +105,17 @@ _MATE_STEPS = flags.DEFINE_integer("mate-steps", 20, "strict: steps of the batch
                                    "attack (step eps/4).")
 _MATE_UNBOUNDED = flags.DEFINE_bool("mate-unbounded", False, "strict: the batch-mate "
                                     "attacker's images are free in [0, 1], not in the ball.")
+_BN_STATS = flags.DEFINE_enum(
+    "bn-stats", "trained", list(bn_statistics.SOURCES),
+    "BatchNorm statistics: trained (the running averages of training), reestimate "
+    "(population statistics of --bn-stats-images training images, layer by layer) or "
+    "reestimate-running-mean (the same under the -R forward, at --batch-size); re-estimated "
+    "ones are kept beside the run's (awn_jax.bn_statistics).")
+_BN_STATS_IMAGES = flags.DEFINE_integer("bn-stats-images", 10_000,
+                                        "Training images for re-estimated BN statistics.",
+                                        lower_bound=2)
+_BN_STATS_AUGMENT = flags.DEFINE_bool("bn-stats-augment", False, "Re-estimate BN statistics "
+                                      "on augmented training images (crop + flip).")
 _CONTROL_BATCH = flags.DEFINE_integer("control-batch-size", 50, "strict: size of the "
                                       "single-class (and matching mixed) control batches.")
 
@@ -143,7 +158,11 @@ def main(argv):
             return
         output_dir = _OUTPUT_DIR.value or workdirs[0]
         loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
-    runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value) for run in loaded)
+    bn_stats = bn_statistics.BNStats(_BN_STATS.value, num_images=_BN_STATS_IMAGES.value,
+                                     augment=_BN_STATS_AUGMENT.value,
+                                     batch_size=_BATCH_SIZE.value or 500)
+    runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value).with_bn_stats(bn_stats)
+            for run in loaded)
 
     if _STUDY.value == "table":
         names = PAPER_ATTACKS if attack == "all" else (attack,)

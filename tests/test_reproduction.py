@@ -1,6 +1,7 @@
 """The reproduction campaign end to end on tiny synthetic data: four runs trained, every
 stage evaluated and reported, a restart skipping what is done; the report's verdict rule."""
 
+import dataclasses
 import json
 import pathlib
 import os
@@ -11,6 +12,7 @@ import tarfile
 import pytest
 
 from awn_jax import reproduction
+from awn_jax.bn_statistics import BNStats
 from awn_jax.errors import UserError
 from awn_jax.reproduction import campaign, paper, report
 from awn_jax.training.runs import load_run
@@ -70,6 +72,24 @@ def test_restart_skips_finished_runs_and_stages(finished):
     again = _reproduce(runs_dir, "--stages=train,table,sweeps,interpolation,distributions")
     assert again.stdout.count("resumed from epoch 2 of 2") == 4  # nothing retrained
     assert {p.name: p.stat().st_mtime_ns for p in stages_dir.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_reestimated_statistics_get_their_own_table_and_report(finished):
+    runs_dir, _, _ = finished
+    root = pathlib.Path(campaign.campaign_dir(runs_dir, DRY))
+    trained_report = (root / "report" / "report.md").read_text()
+    budget = dataclasses.replace(DRY, bn_stats=BNStats("reestimate", num_images=64,
+                                                       batch_size=DRY.eval_batch_size))
+    result = reproduction.run_campaign(budget, runs_dir, stages=("table", "report"))
+    directory = root / "report+reestimate-64"
+    assert "re-estimated on 64 un-augmented training images" in (
+        directory / "report.md").read_text()
+    assert not (directory / "pretrained").exists()  # shipped weights keep trained statistics
+    for layer_type in campaign.CONFIGS:
+        assert (root / "report" / "stages" / f"table+reestimate-64-{layer_type}.json").exists()
+        assert {row["bn_stats"] for row in result["table"][layer_type]} == {"reestimate-64"}
+    assert (root / "report" / "report.md").read_text() == trained_report
 
 
 @pytest.mark.slow

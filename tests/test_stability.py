@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from awn_jax import reports
+from awn_jax import bn_statistics, reports
+from awn_jax.evaluation import Evaluator
 from awn_jax.nn import set_bn_mode
 from awn_jax.stability import curves, distributions, interpolation, theory
 from awn_jax.stability import variance_theory as vt
@@ -75,22 +76,20 @@ def test_path_summary_separates_trend_from_roughness():
     assert dip["accuracy_var_interior"] == pytest.approx(np.var([30, 10, 30]))
 
 
-def test_reestimated_bn_statistics_are_the_batch_statistics(runs):
+def test_reestimated_path_ends_use_the_reestimated_statistics(runs):
+    """bn_stats="reestimate": the end of the path is run_b with its statistics re-estimated
+    by awn_jax.bn_statistics on the fixed training images (tested there in float64)."""
+    r = interpolation.interpolate_run(*runs, num_points=0, bn_stats="reestimate",
+                                      batch_size=48, reestimate_batches=2)
     run = runs[1]
-    batch = next(run.dataset.train_batches(0, 32))
-    stats = interpolation.reestimate_bn(run.graphdef, run.params, run.batch_stats, [batch])
-    model = nnx.merge(run.graphdef, run.params, run.batch_stats)
-    x = (jnp.asarray(batch["image"]) - jnp.asarray(model.mean)) / jnp.asarray(model.std)
-    y = np.asarray(model.stem_conv(x), np.float64).reshape(-1, 16)
-    np.testing.assert_allclose(stats["stem_bn"]["mean"][...], y.mean(0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(stats["stem_bn"]["var"][...], y.var(0, ddof=1), rtol=1e-4)
-    # Two batches: the mean of the per-batch statistics.
-    other = next(run.dataset.train_batches(1, 32))
-    both = interpolation.reestimate_bn(run.graphdef, run.params, run.batch_stats, [batch, other])
-    single = interpolation.reestimate_bn(run.graphdef, run.params, run.batch_stats, [other])
-    np.testing.assert_allclose(both["stages"][1][0]["bn1"]["var"][...],
-                               (stats["stages"][1][0]["bn1"]["var"][...]
-                                + single["stages"][1][0]["bn1"]["var"][...]) / 2, rtol=1e-5)
+    images = [b["image"] for b in run.dataset.statistics_batches(64, 32)]
+    stats = bn_statistics.reestimate(run.graphdef, run.params, run.batch_stats,
+                                     lambda: iter(images))
+    expected = Evaluator(run.graphdef, run.params, stats).loss_and_accuracy(
+        run.dataset.test_batches(48), bn_mode="tracked")
+    assert r["reestimate_batches"] == 2
+    assert r["test_accuracy_pct"][-1] == 100 * expected["test_accuracy"]
+    assert r["test_loss"][-1] == pytest.approx(expected["test_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("loc, scale", [(0.3, 2.0), (-5.0, 0.1)])

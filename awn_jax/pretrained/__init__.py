@@ -4,6 +4,8 @@ small ``.npz`` per model, with a manifest saying how each was trained and what i
     run = awn_jax.pretrained.load("cifar10_r20_awn")          # offline, on a fresh clone
     run.logits_fn("running-mean")(images)                     # images NHWC in [0, 1]
     run = awn_jax.pretrained.load("cifar10_r20_awn", data_dir="~/cifar10")  # + test data
+    run = awn_jax.pretrained.load("cifar10_r20_awn", data_dir="~/cifar10",
+                                  bn_stats=BNStats("reestimate"))  # precise BN statistics
 
 ``manifest.json`` (beside the weights) holds, per model: the training config and dataset
 info, the budget, the clean accuracy per BN mode on the stated test images, the logits of
@@ -22,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from awn_jax import data
+from awn_jax.bn_statistics import BNStats
 from awn_jax.errors import UserError
 from awn_jax.model import build_model, fill_named, named_leaves, split_model
 from awn_jax.training.runs import Run
@@ -63,10 +66,13 @@ def _info(entry) -> data.DatasetInfo:
                                for k, v in entry["dataset_info"].items()})
 
 
-def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR) -> Run:
+def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR,
+         bn_stats: BNStats = BNStats()) -> Run:
     """The shipped model ``name`` as a :class:`Run`. ``data_dir``: a CIFAR-10 image folder
     for its test images (``run.test_set``, evaluations); without it the run has no
-    dataset unless the model was trained on TFDS data (then TFDS provides it)."""
+    dataset unless the model was trained on TFDS data (then TFDS provides it).
+    ``bn_stats``: other BN statistics than the shipped ones, e.g. ``BNStats("reestimate")``
+    (re-estimated on the training images of ``data_dir``, then kept in the user cache)."""
     models = manifest(directory)
     if name not in models:
         raise UserError(f"no shipped model {name!r}; shipped: {', '.join(models) or 'none'}")
@@ -88,7 +94,7 @@ def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR) -
     elif config.dataset != "image_folder":
         dataset = data.dataset_for_run(config, info)
     return Run(f"pretrained:{name}", config, dataset, entry["epoch"], graphdef, params,
-               batch_stats)
+               batch_stats).with_bn_stats(bn_stats)
 
 
 def export(run: Run, name: str, directory: str, **details) -> dict:

@@ -24,6 +24,7 @@ import ml_collections
 from absl import logging
 
 from awn_jax import reports
+from awn_jax.bn_statistics import BNStats
 from awn_jax.errors import UserError
 from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
@@ -51,6 +52,9 @@ class Budget:
         on training batches).
       feature_images: test images of the Fig. 3 feature distributions.
       eval_batch_size: evaluation batch (the batch the "-R"/"-r" statistics come from).
+      bn_stats: the BN statistics of the table and the sweeps (the trained running
+        averages, or re-estimated ones: :mod:`awn_jax.bn_statistics`); a campaign with
+        re-estimated statistics writes its report to ``report+<label>/``.
     """
 
     name: str
@@ -65,12 +69,14 @@ class Budget:
     interpolation_bn_stats: tuple[str, ...] = ("interpolate", "reestimate")
     feature_images: int = 256
     eval_batch_size: int = 500
+    bn_stats: BNStats = BNStats()
 
     def describe(self) -> str:
         """One line for every table: what the numbers were obtained at."""
         tests = self.test_examples or "all"
         return (f"budget `{self.name}`: {self.epochs} epochs per run; Table 1/3 on {tests} "
-                f"test images, evaluation batches of {self.eval_batch_size}")
+                f"test images, evaluation batches of {self.eval_batch_size}; "
+                f"{self.bn_stats.describe()}")
 
 
 BUDGETS = {
@@ -149,15 +155,26 @@ def train_runs(budget: Budget, runs_dir: str, data_dir: str = "",
     return dirs
 
 
-def stage_name(stage: str, layer_type: str) -> str:
+# The stages whose results depend on the BN statistics evaluated with (Budget.bn_stats).
+STATISTICS_STAGES = ("table", "sweeps")
+
+
+def stage_name(stage: str, layer_type: str, bn_stats: BNStats = BNStats()) -> str:
     """The name one run's cached stage result has under ``report/stages``."""
+    if stage in STATISTICS_STAGES and bn_stats.reestimated:
+        return f"{stage}+{bn_stats.label()}-{layer_type}"
     return f"{stage}-{layer_type}"
 
 
-def cached_stage(report_dir: str, stage: str, epochs: dict, compute):
+def report_dir(runs_dir: str, budget: Budget) -> str:
+    """``report/``, or ``report+<label>/`` for re-estimated BN statistics."""
+    name = "report" + (f"+{budget.bn_stats.label()}" if budget.bn_stats.reestimated else "")
+    return os.path.join(campaign_dir(runs_dir, budget), name)
+
+
+def cached_stage(stages_dir: str, stage: str, epochs: dict, compute):
     """``compute()``'s result, or the one saved for the same runs by an earlier call."""
-    return reports.cached(os.path.join(report_dir, "stages"), stage, {"epochs": epochs},
-                          compute)
+    return reports.cached(stages_dir, stage, {"epochs": epochs}, compute)
 
 
 def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGES,
@@ -200,7 +217,8 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     if "report" in stages and not done:
         raise UserError(f"no run has finished its {budget.epochs} epochs yet ({epochs}); "
                         "run the train stage first")
-    report_dir = os.path.join(campaign_dir(runs_dir, budget), "report")
+    # Every stage's results are kept in report/stages, whatever the report they go into.
+    stages_dir = os.path.join(campaign_dir(runs_dir, budget), "report", "stages")
     for stage in wanted:
         out[stage] = {}
         for layer_type, workdir in dirs.items():
@@ -211,14 +229,17 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
                 continue
             logging.warning("campaign %s: %s of %s", budget.name, stage, layer_type)
             out[stage][layer_type] = cached_stage(
-                report_dir, stage_name(stage, layer_type), {layer_type: epochs[layer_type]},
+                stages_dir, stage_name(stage, layer_type, budget.bn_stats),
+                {layer_type: epochs[layer_type]},
                 lambda fn=evaluations[stage], w=workdir: fn(w, budget))
     if "report" in stages:  # partial while some runs train: they are named as such
-        out["report"] = report.write(report_dir, budget, epochs, dirs,
+        directory = report_dir(runs_dir, budget)
+        out["report"] = report.write(directory, budget, epochs, dirs,
                                      {s: out[s] for s in evaluations}, command)
-        out["pretrained"] = export_weights(os.path.join(report_dir, "pretrained"), budget,
-                                           {t: dirs[t] for t in dirs if t in done},
-                                           out["table"], command)
+        if not budget.bn_stats.reestimated:  # the shipped statistics are the trained ones
+            out["pretrained"] = export_weights(os.path.join(directory, "pretrained"),
+                                               budget, {t: dirs[t] for t in dirs if t in done},
+                                               out["table"], command)
     return out
 
 
@@ -269,8 +290,8 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
                     ("config.json", "dataset_info.json", "metrics.jsonl")
                     if os.path.exists(os.path.join(workdir, name))]
         members += [os.path.join(workdir, "checkpoints", str(e)) for e in sorted(keep)]
-    if os.path.isdir(os.path.join(root, "report")):
-        members.append(os.path.join(root, "report"))
+    members += sorted(os.path.join(root, name) for name in os.listdir(root)
+                      if name.startswith("report") and os.path.isdir(os.path.join(root, name)))
     with tarfile.open(path, "w:gz") as tar:
         for member in members:
             tar.add(member, arcname=os.path.relpath(member, os.path.expanduser(runs_dir)))

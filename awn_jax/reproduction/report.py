@@ -11,6 +11,7 @@ claims for 400-epoch models; a verdict is about this budget only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from awn_jax import reports
@@ -253,7 +254,7 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
         "![features](features.png) ![weights](weights.png)", "",
     ])
     reports.write(report_dir, "report", {
-        "budget": budget.__dict__, "command": command, "epochs": epochs,
+        "budget": dataclasses.asdict(budget), "command": command, "epochs": epochs,
         "training": training,
         "workdirs": workdirs, "claims": found, "curves": curve_results,
         "figures": figures, **results}, markdown)

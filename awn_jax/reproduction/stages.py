@@ -19,13 +19,14 @@ from awn_jax.training.runs import load_run
 
 def table(workdir, budget) -> list[dict]:
     return robustness.evaluate_run(
-        load_run(workdir), budget.attacks, robustness.EVAL_BN_MODES,
+        load_run(workdir).with_bn_stats(budget.bn_stats), budget.attacks, robustness.EVAL_BN_MODES,
         steps=budget.attack_steps, batch_size=budget.eval_batch_size,
         num_examples=budget.test_examples or None, show_progress=False)
 
 
 def sweeps(workdir, budget) -> dict:
-    run = load_run(workdir)  # one run: its evaluator's compiled clean pass serves both
+    # One run: its evaluator's compiled clean pass serves both sweeps.
+    run = load_run(workdir).with_bn_stats(budget.bn_stats)
     common = dict(batch_size=min(budget.eval_batch_size, budget.sweep_examples or 10_000),
                   num_examples=budget.sweep_examples or None)
     return {"eps": studies.eps_sweep(run, ("running-mean",), budget.eps_values,

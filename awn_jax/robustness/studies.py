@@ -48,8 +48,10 @@ BATCH_SIZES = (1, 8, 32, 128, 512)
 
 
 def run_label(run) -> str:
-    """The workdir's last component: distinguishes two runs of the same architecture."""
-    return os.path.basename(os.path.normpath(run.workdir))
+    """The workdir's last component (distinguishes two runs of the same architecture),
+    with the BN statistics when they are not the trained ones (``+reestimate-10000``)."""
+    label = os.path.basename(os.path.normpath(run.workdir))
+    return f"{label}+{run.bn_stats.label()}" if run.bn_stats.reestimated else label
 
 
 def predictions(run, images, labels, *, attack: str | None = None, eps=None, step_size=None,

@@ -52,18 +52,23 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                         correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
                 accuracy[mode][name or "clean"] = correct / len(images)
                 progress.update()
-    return [{"model": run.name, "workdir": run.workdir, "epoch": run.epoch, "bn_mode": mode,
+    return [{"model": run.name, "workdir": run.workdir, "epoch": run.epoch,
+             "bn_stats": run.bn_stats.label(), "bn_mode": mode,
              "num_examples": len(images), "mul": cost.mul, "add": cost.add,
              **accuracy[mode], "settings": {k: v for k, v in settings.items() if v is not None}}
             for mode in bn_modes]
 
 
 def format_table(rows, attack_names) -> str:
-    """A Markdown table like the paper's Table 1 (accuracies in %)."""
-    header = ["model", "BN mode", "clean", *attack_names, "#Mul", "#Add"]
+    """A Markdown table like the paper's Table 1 (accuracies in %); a column names the BN
+    statistics when some row's are not the trained ones."""
+    stats = any(row.get("bn_stats", "trained") != "trained" for row in rows)
+    header = ["model", *(["BN stats"] if stats else []), "BN mode", "clean", *attack_names,
+              "#Mul", "#Add"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], row["bn_mode"], f"{100 * row['clean']:.2f}",
+        cells = [row["model"], *([row.get("bn_stats", "trained")] if stats else []),
+                 row["bn_mode"], f"{100 * row['clean']:.2f}",
                  *(f"{100 * row[name]:.2f}" for name in attack_names),
                  f"{row['mul'] / 1e6:.2f}M", f"{row['add'] / 1e6:.2f}M"]
         lines.append("| " + " | ".join(cells) + " |")

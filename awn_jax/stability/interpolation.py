@@ -7,12 +7,12 @@ are not parameters; two treatments are offered:
 * ``interpolate``: the running mean and variance are interpolated like the parameters.
   At alpha = 0 and 1 the model is exactly the saved checkpoint, so the ends reproduce
   the checkpoints' test accuracies.
-* ``reestimate``: for every alpha the running statistics are recomputed on training
-  batches: the model runs in ``train`` BN mode with momentum 1 (each BN then holds the
-  statistics of the current batch) and the per-batch means and unbiased variances are
-  averaged, as SWA's ``update_bn`` does. This separates a bad region of the weights from
-  running statistics that merely do not fit the interpolated weights; the ends then
-  differ slightly from the checkpoints.
+* ``reestimate``: for every alpha the statistics are re-estimated on a fixed set of
+  (un-augmented) training images, layer by layer (:func:`awn_jax.bn_statistics.reestimate`).
+  This separates a bad region of the weights from running statistics that merely do not
+  fit the interpolated weights; the ends then differ from the checkpoints. (Before
+  2026-12-06 this averaged per-batch statistics of augmented training batches in ``train``
+  mode, as SWA's ``update_bn`` does; the 10-epoch report was made that way.)
 
 The paper reports the variance of the accuracies of the 9 interpolated models; here the
 accuracy is in percent, the variance the population variance (ddof=0), given over the
@@ -21,16 +21,13 @@ interior points and over all points with the ends.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
-from flax import nnx
 
+from awn_jax import bn_statistics
 from awn_jax.errors import UserError
 from awn_jax.evaluation import Evaluator
-from awn_jax.model import apply_model
-from awn_jax.nn import BatchNorm, set_bn_mode
 from awn_jax.reports import new_figure
 from awn_jax.stability.common import run_label
 
@@ -43,41 +40,14 @@ def lerp(tree_a, tree_b, alpha: float):
                         tree_a, tree_b)
 
 
-def _statistics_graphdef(graphdef, params, batch_stats):
-    """The model in ``train`` BN mode with momentum 1: its BN state after a call is the
-    statistics of that batch alone."""
-    model = nnx.merge(graphdef, params, batch_stats)
-    set_bn_mode(model, "train")
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, BatchNorm):
-            module.momentum = 1.0
-    return nnx.split(model, nnx.Param, nnx.BatchStat)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _batch_statistics(graphdef, params, batch_stats, images):
-    return apply_model(graphdef, params, batch_stats, images)[1]
-
-
-def reestimate_bn(graphdef, params, batch_stats, batches):
-    """Running statistics recomputed for ``params``: the mean over ``batches`` of each
-    batch's BN mean and unbiased variance (``batch_stats`` gives only the structure)."""
-    stats_graphdef = _statistics_graphdef(graphdef, params, batch_stats)
-    per_batch = [jax.device_get(_batch_statistics(stats_graphdef, params, batch_stats,
-                                                  batch["image"])) for batch in batches]
-    if not per_batch:
-        raise UserError("re-estimating BN statistics needs at least one training batch")
-    return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_batch)
-
-
 def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "interpolate",
                     bn_mode: str = "tracked", batch_size: int = 500,
                     num_examples: int | None = None, reestimate_batches: int = 10) -> dict:
     """Test accuracy and loss at ``num_points`` interpolated models plus the two ends.
 
     ``run_a``, ``run_b``: two :class:`awn_jax.training.runs.Run` of the same workdir (two epochs).
-    Re-estimation uses the first ``reestimate_batches`` training batches (augmented, of
-    the run's own batch size) of the epoch after ``run_b``'s.
+    Re-estimation uses ``reestimate_batches`` batches of the run's own batch size of the
+    fixed training images of :meth:`Dataset.statistics_batches`.
     """
     if bn_stats not in BN_STATS:
         raise UserError(f"unknown bn_stats {bn_stats!r}; expected one of {BN_STATS}")
@@ -90,15 +60,17 @@ def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "inter
     test = list(run_a.dataset.test_batches(batch_size, num_examples=num_examples))
     train = []
     if bn_stats == "reestimate":
-        batches = run_a.dataset.train_batches(run_b.epoch, run_a.config.batch_size)
-        train = [batch for _, batch in zip(range(reestimate_batches), batches)]
+        size = run_a.config.batch_size
+        train = [batch["image"] for batch in run_a.dataset.statistics_batches(
+            min(reestimate_batches * size, run_a.dataset.info.num_train), size)]
     points = []
     for alpha in alphas:
         params = lerp(run_a.params, run_b.params, float(alpha))
         if bn_stats == "interpolate":
             stats = lerp(run_a.batch_stats, run_b.batch_stats, float(alpha))
         else:
-            stats = reestimate_bn(run_a.graphdef, params, run_a.batch_stats, train)
+            stats = bn_statistics.reestimate(run_a.graphdef, params, run_a.batch_stats,
+                                             lambda: iter(train), mesh=evaluator.mesh)
         points.append(evaluator.loss_and_accuracy(test, bn_mode=bn_mode, params=params,
                                                   batch_stats=stats))
     return {
