@@ -3,28 +3,34 @@
     python analyze.py --study all --workdir workdirs/cpu/r20_ann --workdir workdirs/cpu/r20_awn \
         --data-dir /work/data --num-examples 1000 --output-dir docs/figures
 
-Studies (``--study``, comma-separated or ``all``):
+Studies (``--study``, comma-separated, or ``all``: the paper's, all but bn-diagnostics):
   interpolation    accuracy/loss between checkpoints --epoch-a and --epoch-b of each run
   curves           test loss/accuracy per epoch from each run's metrics.jsonl
   distributions    weights, features before BN and BN statistics over saved epochs
   variance-theory  Monte Carlo check of Sec. 3 (needs no workdir)
-Each writes stability_<study>.json and .png into --output-dir (default: the first workdir).
+  bn-diagnostics   why "-R" collapses: per BN layer the fit of the stored variances and the
+                   variance gain, accuracy against scaled variances and the evaluation batch
+                   (workdirs and --pretrained models; --bn-stats picks the statistics)
+Each writes stability_<study>.json and .png into --output-dir (default: the first workdir);
+bn-diagnostics writes bn_diagnostics[+<statistics>].json/.md/.png.
 """
 
 import os
 
 from absl import flags
 
-from awn_jax import cli, reports
+from awn_jax import cli, pretrained, reports
 from awn_jax.errors import UserError
-from awn_jax.stability import curves, distributions, interpolation, theory
+from awn_jax.stability import bn_diagnostics, curves, distributions, interpolation, theory
 from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
 
-STUDIES = ("interpolation", "curves", "distributions", "variance-theory")
+STUDIES = ("interpolation", "curves", "distributions", "variance-theory", "bn-diagnostics")
 
 _STUDY = flags.DEFINE_list("study", ["all"], f"Studies to run: {', '.join(STUDIES)} or all.")
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Training workdir(s), compared in one figure.")
+_PRETRAINED = flags.DEFINE_multi_string("pretrained", [], "bn-diagnostics: shipped model(s) "
+                                        "(awn_jax.pretrained), beside the workdirs.")
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
 _OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write (default: first workdir).")
 _BATCH_SIZE = flags.DEFINE_integer("batch-size", 500, "Test batch size.", lower_bound=1)
@@ -37,8 +43,9 @@ _EPOCH_B = flags.DEFINE_integer("epoch-b", None, "Interpolation end (default: la
                                 lower_bound=1)
 _NUM_POINTS = flags.DEFINE_integer("num-points", 9, "Interpolated models between the ends.",
                                    lower_bound=0)
-_BN_STATS = flags.DEFINE_enum("bn-stats", "both", ["interpolate", "reestimate", "both"],
-                              "BN running statistics along the path (see stability.interpolation).")
+_PATH_BN_STATS = flags.DEFINE_enum(
+    "path-bn-stats", "both", ["interpolate", "reestimate", "both"],
+    "interpolation: BN statistics along the path (see stability.interpolation).")
 _REESTIMATE_BATCHES = flags.DEFINE_integer("reestimate-batches", 10,
                                            "Training batches per BN re-estimation.", lower_bound=1)
 _EPOCHS = flags.DEFINE_list("epochs", None, "Epochs for distributions (default: all saved).")
@@ -49,12 +56,20 @@ _FEATURE_IMAGES = flags.DEFINE_integer("feature-images", 256, "Test images for f
 _BINS = flags.DEFINE_integer("bins", 60, "Histogram bins.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of feature sampling and the Monte Carlo.",
                              lower_bound=0)
+_BN_STATS = cli.define_bn_stats_flags()  # bn-diagnostics: the statistics diagnosed
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
+_BN_MODES = flags.DEFINE_list("diagnostic-bn-modes", ["tracked", "running-mean"],
+                              "bn-diagnostics: the BN modes whose variance ratios are measured.")
+_SINGLE_CLASS_BATCH = flags.DEFINE_integer(
+    "single-class-batch", 100, "bn-diagnostics: batch of the single-class (and mixed) "
+    "control batches.", lower_bound=2)
 _THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo draws per check.",
                                        lower_bound=1)
 
 
 def _studies() -> list[str]:
-    names = list(STUDIES) if _STUDY.value == ["all"] else _STUDY.value
+    names = ([s for s in STUDIES if s != "bn-diagnostics"] if _STUDY.value == ["all"]
+             else _STUDY.value)
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         raise UserError(f"unknown study {', '.join(unknown)}; expected one of "
@@ -69,7 +84,8 @@ def _write(output_dir, stem, results, *figures) -> None:
 
 
 def _interpolation(workdirs, output_dir) -> None:
-    modes = interpolation.BN_STATS if _BN_STATS.value == "both" else (_BN_STATS.value,)
+    modes = (interpolation.BN_STATS if _PATH_BN_STATS.value == "both"
+             else (_PATH_BN_STATS.value,))
     results = []
     for workdir in workdirs:
         epochs = checkpointing.saved_epochs(workdir)
@@ -109,6 +125,24 @@ def _distributions(workdirs, output_dir) -> None:
            ("_bn", distributions.plot_bn(results)))
 
 
+def _bn_diagnostics(workdirs, output_dir) -> None:
+    loaded = [load_run(w, data_dir=_DATA_DIR.value) for w in workdirs]
+    loaded += [pretrained.load(name, data_dir=_DATA_DIR.value) for name in _PRETRAINED.value]
+    results = []
+    for run in loaded:
+        run = run.with_bn_stats(_BN_STATS(_BATCH_SIZE.value))
+        images, labels = run.test_set(_NUM_EXAMPLES.value or 2000, multiple_of=_BATCH_SIZE.value)
+        results.append(bn_diagnostics.diagnose(
+            run, images, labels, bn_modes=_BN_MODES.value, batch_size=_BATCH_SIZE.value,
+            single_class_batch=_SINGLE_CLASS_BATCH.value))
+    markdown = bn_diagnostics.format_markdown(results)
+    stem = "bn_diagnostics" + ("" if results[0]["bn_stats"] == "trained"
+                               else f"+{results[0]['bn_stats']}")
+    print(reports.write(output_dir, stem, results, markdown))
+    print(reports.save_figure(bn_diagnostics.plot(results), output_dir, stem))
+    print(markdown)
+
+
 def main(argv):
     del argv
     studies = _studies()
@@ -117,9 +151,12 @@ def main(argv):
         if not os.path.isdir(workdir):
             raise UserError(f"no such workdir: {workdir}")
         checkpointing.load_config_dict(workdir)  # fails on a directory that is no workdir
-    if not workdirs and set(studies) - {"variance-theory"}:
-        raise UserError(f"the studies {', '.join(s for s in studies if s != 'variance-theory')}"
-                        " need at least one --workdir")
+    needing = [s for s in studies if s != "variance-theory"
+               and not (s == "bn-diagnostics" and _PRETRAINED.value)]
+    if not workdirs and needing:
+        raise UserError(f"the studies {', '.join(needing)} need at least one --workdir"
+                        + (" (bn-diagnostics: or --pretrained)" if "bn-diagnostics" in needing
+                           else ""))
     output_dir = _OUTPUT_DIR.value or (workdirs[0] if workdirs else None)
     if output_dir is None:
         raise UserError("pass --output-dir (or a --workdir to write into)")
@@ -130,6 +167,8 @@ def main(argv):
         _interpolation(workdirs, output_dir)
     if "distributions" in studies:
         _distributions(workdirs, output_dir)
+    if "bn-diagnostics" in studies:
+        _bn_diagnostics(workdirs, output_dir)
     if "variance-theory" in studies:
         results = theory.run(seed=_SEED.value, samples=_THEORY_SAMPLES.value)
         _write(output_dir, "variance_theory", results, ("", theory.plot(results)))

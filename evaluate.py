@@ -39,7 +39,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from awn_jax import bn_statistics, cli, pretrained, robustness
+from awn_jax import cli, pretrained, robustness
 from awn_jax.detection import training as detection
 from awn_jax.errors import UserError
 from awn_jax.detection.evaluation import summary_table
@@ -105,17 +105,8 @@ _MATE_STEPS = flags.DEFINE_integer("mate-steps", 20, "strict: steps of the batch
                                    "attack (step eps/4).")
 _MATE_UNBOUNDED = flags.DEFINE_bool("mate-unbounded", False, "strict: the batch-mate "
                                     "attacker's images are free in [0, 1], not in the ball.")
-_BN_STATS = flags.DEFINE_enum(
-    "bn-stats", "trained", list(bn_statistics.SOURCES),
-    "BatchNorm statistics: trained (the running averages of training), reestimate "
-    "(population statistics of --bn-stats-images training images, layer by layer) or "
-    "reestimate-running-mean (the same under the -R forward, at --batch-size); re-estimated "
-    "ones are kept beside the run's (awn_jax.bn_statistics).")
-_BN_STATS_IMAGES = flags.DEFINE_integer("bn-stats-images", 10_000,
-                                        "Training images for re-estimated BN statistics.",
-                                        lower_bound=2)
-_BN_STATS_AUGMENT = flags.DEFINE_bool("bn-stats-augment", False, "Re-estimate BN statistics "
-                                      "on augmented training images (crop + flip).")
+_BN_STATS = cli.define_bn_stats_flags()
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
 _CONTROL_BATCH = flags.DEFINE_integer("control-batch-size", 50, "strict: size of the "
                                       "single-class (and matching mixed) control batches.")
 
@@ -158,9 +149,7 @@ def main(argv):
             return
         output_dir = _OUTPUT_DIR.value or workdirs[0]
         loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
-    bn_stats = bn_statistics.BNStats(_BN_STATS.value, num_images=_BN_STATS_IMAGES.value,
-                                     augment=_BN_STATS_AUGMENT.value,
-                                     batch_size=_BATCH_SIZE.value or 500)
+    bn_stats = _BN_STATS(_BATCH_SIZE.value or 500)
     runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value).with_bn_stats(bn_stats)
             for run in loaded)
 

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from awn_jax import bn_statistics, cli, reproduction
+from awn_jax import cli, reproduction
 from awn_jax.errors import UserError
 from awn_jax.reproduction import campaign
 
@@ -40,14 +40,8 @@ _TRAIN_SECONDS = flags.DEFINE_float(
 _ARCHIVE = flags.DEFINE_string(
     "archive", "", "Also write a .tar.gz of what resuming elsewhere needs (configs, metrics, "
     "the latest and the studies' checkpoints, the report).")
-_BN_STATS = flags.DEFINE_enum(
-    "bn_stats", "trained", list(bn_statistics.SOURCES),
-    "BN statistics of the table and sweeps: the trained running averages, or re-estimated "
-    "ones (awn_jax.bn_statistics); re-estimated ones get their own report+<label>/.")
-_BN_STATS_IMAGES = flags.DEFINE_integer("bn_stats_images", 10_000, "Training images for "
-                                        "re-estimated BN statistics.", lower_bound=2)
-_BN_STATS_AUGMENT = flags.DEFINE_bool("bn_stats_augment", False, "Re-estimate BN "
-                                      "statistics on augmented training images.")
+_BN_STATS = cli.define_bn_stats_flags(separator="_")  # of the table and the sweeps
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
 _PARALLEL = flags.DEFINE_bool("parallel", False,
                               "Train the four runs at once, one process each (a GPU).")
 
@@ -69,9 +63,8 @@ def main(argv):
     budget = reproduction.BUDGETS[_BUDGET.value]
     if _EPOCHS.value is not None:
         budget = dataclasses.replace(budget, epochs=_EPOCHS.value)
-    budget = dataclasses.replace(budget, bn_stats=bn_statistics.BNStats(
-        _BN_STATS.value, num_images=_BN_STATS_IMAGES.value, augment=_BN_STATS_AUGMENT.value,
-        batch_size=budget.eval_batch_size))
+    # Re-estimated statistics get their own report, report+<label>/.
+    budget = dataclasses.replace(budget, bn_stats=_BN_STATS(budget.eval_batch_size))
     overrides = dict(_parse_setting(setting) for setting in _SET.value)
     try:
         result = reproduction.run_campaign(

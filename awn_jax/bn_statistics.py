@@ -111,7 +111,7 @@ def bn_layers(graphdef, params, batch_stats, image_shape) -> list[tuple[str, int
 
     def forward(params, batch_stats, images):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
-        path_of = _bn_paths(model)
+        path_of = bn_paths(model)
 
         def record(module, x, y):
             layers.append((path_of[id(module)], int(np.prod(x.shape[1:-1]))))
@@ -128,7 +128,9 @@ def bn_layers(graphdef, params, batch_stats, image_shape) -> list[tuple[str, int
     return layers
 
 
-def _bn_paths(model) -> dict[int, str]:
+def bn_paths(model) -> dict[int, str]:
+    """``id(module) -> name`` of every BatchNorm in ``model``: what an interceptor
+    (:func:`awn_jax.nn.batchnorm.intercept`) identifies the layer it is called with by."""
     return {id(module): ".".join(str(part) for part in path)
             for path, module in nnx.iter_modules(model) if isinstance(module, BatchNorm)}
 
@@ -147,7 +149,7 @@ def _moments_fn(graphdef, name: str, mesh, split: bool):
     of the BN ``name`` over the batch, and the sum of squared deviations from it."""
     def moments(params, batch_stats, images):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
-        path_of = _bn_paths(model)
+        path_of = bn_paths(model)
 
         def reach(module, x, y):
             if path_of[id(module)] == name:

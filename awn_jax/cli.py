@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
+from awn_jax.bn_statistics import SOURCES, BNStats
 from awn_jax.errors import UserError
 
 
@@ -69,3 +70,27 @@ def run(main) -> None:
             sys.exit(f"error: {error}")
 
     app.run(guarded, flags_parser=_parse_flags)
+
+
+def define_bn_stats_flags(separator: str = "-"):
+    """Define ``--bn-stats``, ``--bn-stats-images`` and ``--bn-stats-augment`` (with
+    ``separator`` between the words); returns ``batch_size -> BNStats`` of their values
+    (``batch_size``: the evaluation batch, which "-R" statistics are estimated for)."""
+    def name(*words):
+        return separator.join(words)
+
+    source = flags.DEFINE_enum(
+        name("bn", "stats"), "trained", list(SOURCES),
+        "BatchNorm statistics: trained (the running averages of training), reestimate "
+        "(population statistics of training images, layer by layer) or "
+        "reestimate-running-mean (the same under the -R forward, at the evaluation batch); "
+        "re-estimated ones are computed once and kept beside the run's "
+        "(awn_jax.bn_statistics).")
+    images = flags.DEFINE_integer(name("bn", "stats", "images"), 10_000,
+                                  "Training images for re-estimated BN statistics.",
+                                  lower_bound=2)
+    augment = flags.DEFINE_bool(name("bn", "stats", "augment"), False,
+                                "Re-estimate BN statistics on augmented training images "
+                                "(crop + flip).")
+    return lambda batch_size: BNStats(source.value, num_images=images.value,
+                                      augment=augment.value, batch_size=batch_size)

@@ -42,7 +42,7 @@ from awn_jax.errors import UserError
 from awn_jax.evaluation import check_bn_modes
 from awn_jax.robustness import attacks
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
-from awn_jax.robustness.studies import run_label
+from awn_jax.robustness.studies import run_label, single_class_order
 
 # Checklist rows: name -> threat model (what the attacker controls and knows).
 CHECKS = {
@@ -206,12 +206,7 @@ class _Study:
 
     def controls(self, mode) -> dict:
         size = self.budgets.control_batch_size
-        single = np.concatenate([
-            idx[:len(idx) - len(idx) % size]
-            for idx in (np.flatnonzero(self.labels == c) for c in np.unique(self.labels))])
-        if not len(single):
-            raise UserError(f"no class has {size} of the {len(self.labels)} examples for "
-                            "single-class batches; lower control_batch_size")
+        single = single_class_order(self.labels, size)
         mixed = np.random.default_rng([self.seed, 17]).permutation(single)
 
         def control(rows, batch_size):

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from awn_jax import reports
+from awn_jax.errors import UserError
 from awn_jax.robustness import attacks
 from awn_jax.robustness.table import check_bn_modes
 
@@ -52,6 +53,18 @@ def run_label(run) -> str:
     with the BN statistics when they are not the trained ones (``+reestimate-10000``)."""
     label = os.path.basename(os.path.normpath(run.workdir))
     return f"{label}+{run.bn_stats.label()}" if run.bn_stats.reestimated else label
+
+
+def single_class_order(labels, batch_size: int) -> np.ndarray:
+    """Indices putting ``labels`` into batches of ``batch_size`` holding one class each
+    (each class cut to a multiple of the batch): the batch modes' worst composition."""
+    rows = [idx[:len(idx) - len(idx) % batch_size]
+            for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    if not len(rows):
+        raise UserError(f"no class has {batch_size} of the {len(labels)} examples for "
+                        "single-class batches; use a smaller batch")
+    return rows
 
 
 def predictions(run, images, labels, *, attack: str | None = None, eps=None, step_size=None,
