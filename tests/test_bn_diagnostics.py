@@ -112,6 +112,27 @@ def test_variance_factor_one_and_batch_study_are_plain_evaluations():
         images[order], labels[order], batch_size=10, bn_mode="running-mean")
 
 
+def test_augmentation_trigger_pads_crops_and_flips_the_test_images():
+    run = _run()
+    run.config.update({"crop_padding": 2, "random_flip": True})
+    images, labels = _images(40), np.arange(40) % 3
+    trigger = bn_diagnostics.augmentation_trigger(run, images, labels, bn_modes=("tracked",),
+                                                  batch_size=20)
+    rng = np.random.default_rng(0)
+    offsets = rng.integers(0, 5, size=(40, 2))
+    flips = rng.random(40) < 0.5
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    augmented = np.stack([padded[i, o[0]:o[0] + 6, o[1]:o[1] + 6][:, ::-1 if f else 1]
+                          for i, (o, f) in enumerate(zip(offsets, flips))])
+    assert trigger["accuracy"]["tracked"]["augmented"] == run.evaluator.accuracy(
+        augmented, labels, batch_size=20, bn_mode="tracked")
+    ratios = [bn_diagnostics.variance_ratios(run, x, bn_mode="tracked", batch_size=20)[0]
+              for x in (augmented, images)]
+    assert trigger["first_bn_widening"] == pytest.approx(ratios[0]["mean"] / ratios[1]["mean"])
+    run.config.crop_padding = 0
+    assert bn_diagnostics.augmentation_trigger(run, images, labels) is None
+
+
 def test_analyze_cli_diagnoses_a_workdir(tmp_path):
     """A random ResNet-20 workdir on synthetic images, diagnosed through analyze.py."""
     from awn_jax import data
@@ -145,3 +166,4 @@ def test_analyze_cli_diagnoses_a_workdir(tmp_path):
         assert (out / f"bn_diagnostics+reestimate-64.{suffix}").exists()
     assert "re-estimated on 64 un-augmented training images" in result.stdout
     assert "| stem_bn |" in result.stdout
+    assert "augmented images" not in result.stdout  # crop_padding 0: no trigger to show

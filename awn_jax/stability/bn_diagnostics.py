@@ -16,6 +16,9 @@ measurements locate where it goes wrong (docs/REPRODUCTION.md, "Why -R collapses
   factor: how close to a knife edge a mode sits.
 * :func:`batch_accuracy` -- accuracy against the evaluation batch size, and on
   single-class batches against mixed batches of the same size and images.
+* :func:`augmentation_trigger` -- the test images given the training augmentation
+  (zero-padded random crop, flip): how much wider the first BN's input gets, and the
+  accuracy per mode, i.e. whether the trained statistics fit augmented images better.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from awn_jax.bn_statistics import bn_layers, bn_paths
+from awn_jax.data import transforms
 from awn_jax.evaluation import check_bn_modes
 from awn_jax.model import fill_named, named_leaves, with_bn_mode
 from awn_jax.nn.batchnorm import intercept
@@ -166,13 +170,34 @@ def batch_accuracy(run, images, labels, *, bn_modes=("running-mean",),
             "num_single_class": len(rows), "single_class": single}
 
 
+def augmentation_trigger(run, images, labels, *, bn_modes=("tracked", "running-mean"),
+                         batch_size: int = 500, seed: int = 0) -> dict | None:
+    """The test images padded-cropped and flipped as in training (``run.config``'s
+    padding; draws from ``seed``): the first BN's mean-square ratio (``tracked``) over that of
+    the clean images, and the accuracy per mode on both. None without crop augmentation."""
+    padding = run.config.get("crop_padding", 0)
+    if not padding:
+        return None
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, 2 * padding + 1, size=(len(images), 2))
+    flips = (rng.random(len(images)) < 0.5) & bool(run.config.get("random_flip", True))
+    augmented = transforms.pad_crop_flip(images, offsets, flips, padding)
+    first = {name: variance_ratios(run, x, bn_mode="tracked", batch_size=batch_size)[0]["mean"]
+             for name, x in (("clean", images), ("augmented", augmented))}
+    return {"first_bn_widening": first["augmented"] / first["clean"],
+            "accuracy": {mode: {name: run.evaluator.accuracy(x, labels, batch_size=batch_size,
+                                                            bn_mode=mode)
+                                for name, x in (("clean", images), ("augmented", augmented))}
+                         for mode in check_bn_modes(bn_modes)}}
+
+
 def diagnose(run, images, labels, *, bn_modes=("tracked", "running-mean"),
              batch_size: int = 500, gain_scale: float = 1.1,
              factors=VARIANCE_FACTORS, batch_sizes=BATCH_SIZES,
              single_class_batch: int = 100) -> dict:
-    """All four diagnostics of ``run`` on ``images``: ratios per mode, gains under
-    ``running-mean``, variance-scale sensitivity and the batch dependence of the batch
-    modes among ``bn_modes``."""
+    """All the diagnostics of ``run`` on ``images``: ratios per mode, gains under
+    ``running-mean``, variance-scale sensitivity, the batch dependence of the batch modes
+    among ``bn_modes`` and the augmentation trigger."""
     batch_modes = [m for m in bn_modes if m != "tracked"] or ["running-mean"]
     return {
         "run": run_label(run), "model": model_label(run.config), "epoch": run.epoch,
@@ -187,6 +212,8 @@ def diagnose(run, images, labels, *, bn_modes=("tracked", "running-mean"),
         "batch": batch_accuracy(run, images, labels, bn_modes=batch_modes,
                                 batch_sizes=batch_sizes,
                                 single_class_batch=single_class_batch),
+        "augmentation": augmentation_trigger(run, images, labels, bn_modes=bn_modes,
+                                             batch_size=batch_size),
     }
 
 
@@ -229,6 +256,14 @@ def format_markdown(results) -> str:
             lines.append(f"| {mode} | " + " | ".join(
                 f"{100 * by[s]:.2f}" if s in by else "-" for s in sizes)
                 + f" | {100 * controls['single-class']:.2f} | {100 * controls['mixed']:.2f} |")
+        trigger = r.get("augmentation")
+        if trigger:
+            lines += ["", f"Test images padded-cropped and flipped as in training: the first "
+                      f"BN's input is {trigger['first_bn_widening']:.2f}x as wide (mean "
+                      "square about its stored mean).", "",
+                      "| BN mode | clean images | augmented images |", "|---|---|---|"]
+            lines += [f"| {mode} | {100 * a['clean']:.2f} | {100 * a['augmented']:.2f} |"
+                      for mode, a in trigger["accuracy"].items()]
         lines.append("")
     return "\n".join(lines)
 
