@@ -3,7 +3,7 @@
     python analyze.py --study all --workdir workdirs/cpu/r20_ann --workdir workdirs/cpu/r20_awn \
         --data-dir /work/data --num-examples 1000 --output-dir docs/figures
 
-Studies (``--study``, comma-separated, or ``all``: the paper's, all but bn-diagnostics):
+Studies (``--study``, comma-separated, or ``all``: the paper's, the first four):
   interpolation    accuracy/loss between checkpoints --epoch-a and --epoch-b of each run
   curves           test loss/accuracy per epoch from each run's metrics.jsonl
   distributions    weights, features before BN and BN statistics over saved epochs
@@ -11,21 +11,28 @@ Studies (``--study``, comma-separated, or ``all``: the paper's, all but bn-diagn
   bn-diagnostics   why "-R" collapses: per BN layer the fit of the stored variances and the
                    variance gain, accuracy against scaled variances and the evaluation batch
                    (workdirs and --pretrained models; --bn-stats picks the statistics)
+  epoch-records    per saved epoch: clean accuracy under every BN mode with the trained and
+                   re-estimated statistics, AWN's nu/upsilon movement (--num-examples test
+                   images, default 2000; statistics re-estimated as --bn-stats asks, by
+                   default on 2000 images; kept in <workdir>/records/)
 Each writes stability_<study>.json and .png into --output-dir (default: the first workdir);
 bn-diagnostics writes bn_diagnostics[+<statistics>].json/.md/.png.
 """
 
+import dataclasses
 import os
 
 from absl import flags
 
 from awn_jax import cli, pretrained, reports
 from awn_jax.errors import UserError
-from awn_jax.stability import bn_diagnostics, curves, distributions, interpolation, theory
+from awn_jax.stability import (bn_diagnostics, curves, distributions, epoch_records,
+                               interpolation, theory)
 from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
 
-STUDIES = ("interpolation", "curves", "distributions", "variance-theory", "bn-diagnostics")
+STUDIES = ("interpolation", "curves", "distributions", "variance-theory", "bn-diagnostics",
+           "epoch-records")
 
 _STUDY = flags.DEFINE_list("study", ["all"], f"Studies to run: {', '.join(STUDIES)} or all.")
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Training workdir(s), compared in one figure.")
@@ -68,7 +75,8 @@ _THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo dr
 
 
 def _studies() -> list[str]:
-    names = ([s for s in STUDIES if s != "bn-diagnostics"] if _STUDY.value == ["all"]
+    names = ([s for s in STUDIES if s not in ("bn-diagnostics", "epoch-records")]
+             if _STUDY.value == ["all"]
              else _STUDY.value)
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
@@ -143,6 +151,21 @@ def _bn_diagnostics(workdirs, output_dir) -> None:
     print(markdown)
 
 
+def _epoch_records(workdirs, output_dir) -> None:
+    chosen = _BN_STATS(_BATCH_SIZE.value)  # re-estimated ones as asked, else 2,000 images
+    settings = epoch_records.RecordSettings(
+        test_examples=_NUM_EXAMPLES.value or 2000, batch_size=_BATCH_SIZE.value,
+        bn_stats=chosen if chosen.reestimated else dataclasses.replace(
+            epoch_records.RecordSettings().bn_stats, batch_size=_BATCH_SIZE.value))
+    epochs = [int(e) for e in _EPOCHS.value] if _EPOCHS.value else None
+    results = [epoch_records.collect(w, settings, epochs, _DATA_DIR.value,
+                                     progress=lambda e, w=w: print(f"{w}: epoch {e}",
+                                                                   flush=True))
+               for w in workdirs]
+    _write(output_dir, "epoch_records", results, ("", epoch_records.plot(results)))
+    print(epoch_records.format_markdown(results))
+
+
 def main(argv):
     del argv
     studies = _studies()
@@ -169,6 +192,8 @@ def main(argv):
         _distributions(workdirs, output_dir)
     if "bn-diagnostics" in studies:
         _bn_diagnostics(workdirs, output_dir)
+    if "epoch-records" in studies:
+        _epoch_records(workdirs, output_dir)
     if "variance-theory" in studies:
         results = theory.run(seed=_SEED.value, samples=_THEORY_SAMPLES.value)
         _write(output_dir, "variance_theory", results, ("", theory.plot(results)))

@@ -28,6 +28,7 @@ batches are split over devices beyond float32 rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -144,9 +145,11 @@ class _Reached(Exception):
         self.moments = moments
 
 
+@functools.lru_cache(maxsize=512)
 def _moments_fn(graphdef, name: str, mesh, split: bool):
     """A compiled ``(params, batch_stats, images) -> (mean, M2)``: the per-channel input mean
-    of the BN ``name`` over the batch, and the sum of squared deviations from it."""
+    of the BN ``name`` over the batch, and the sum of squared deviations from it. Kept, so
+    re-estimating another checkpoint of the same model compiles nothing."""
     def moments(params, batch_stats, images):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         path_of = bn_paths(model)
@@ -222,12 +225,11 @@ def reestimate(graphdef, params, batch_stats, batches: Callable[[], Iterable[np.
     for name, per_image in tqdm.tqdm(layers, desc="BN statistics", unit="layer",
                                      disable=not show_progress):
         current = fill_named(batch_stats, stats)
-        accumulator, compiled = _Accumulator(), {}
+        accumulator = _Accumulator()
         for images in batches():
             split = len(images) % mesh.devices.size == 0
-            if split not in compiled:
-                compiled[split] = _moments_fn(graphdef, name, mesh, split)
-            moments = compiled[split](params, current, np.asarray(images))
+            moments = _moments_fn(graphdef, name, mesh, split)(params, current,
+                                                                np.asarray(images))
             accumulator.add(len(images) * per_image, *jax.device_get(moments))
         mean, var = accumulator.statistics(source)
         for key, value in ((f"{name}.mean", mean), (f"{name}.var", var)):

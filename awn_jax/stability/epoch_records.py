@@ -1,0 +1,147 @@
+"""Per-epoch records of a run beyond ``metrics.jsonl``, computed from its saved checkpoints:
+does the "-R" collapse of normalized adder kernels persist as training lengthens, and how
+far have AWN's ``nu``/``upsilon`` moved?
+
+For each saved epoch: clean accuracy on a fixed set of test images in mixed batches under
+every evaluation BN mode with the trained statistics, the same under ``tracked`` and
+``running-mean`` with statistics re-estimated (:mod:`awn_jax.bn_statistics`), and AWN's
+``|nu - 1|`` and ``|upsilon|`` per layer (mean and max). Each epoch's record is kept in
+``<workdir>/records/`` keyed by the weights and the settings, so records are added while
+a run trains and a killed collection loses at most one epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from awn_jax import reports
+from awn_jax.bn_statistics import BNStats
+from awn_jax.evaluation import EVAL_BN_MODES
+from awn_jax.model import named_leaves
+from awn_jax.reports import new_figure
+from awn_jax.stability.common import run_label
+from awn_jax.training import checkpointing
+from awn_jax.training.runs import load_run
+
+REESTIMATED_MODES = ("tracked", "running-mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSettings:
+    """What every epoch's record measures: the first ``test_examples`` of the fixed test
+    order in batches of ``batch_size``; ``bn_stats`` the re-estimated statistics."""
+
+    test_examples: int = 2000
+    batch_size: int = 500
+    bn_stats: BNStats = BNStats("reestimate", num_images=2000)
+
+
+def awn_movement(params) -> dict | None:
+    """``|nu - 1|`` and ``|upsilon|`` per AWN layer (mean and max over channels) and their
+    maxima over all layers; None for a model without AWN."""
+    leaves = named_leaves(params)
+    layers = sorted(name[: -len(".nu")] for name in leaves if name.endswith(".nu"))
+    if not layers:
+        return None
+    rows = []
+    for layer in layers:
+        nu = np.abs(np.asarray(leaves[f"{layer}.nu"], np.float64) - 1)
+        upsilon = np.abs(np.asarray(leaves[f"{layer}.upsilon"], np.float64))
+        rows.append({"layer": layer, "nu_mean": float(nu.mean()), "nu_max": float(nu.max()),
+                     "upsilon_mean": float(upsilon.mean()),
+                     "upsilon_max": float(upsilon.max())})
+    return {"layers": rows, "nu_max": max(r["nu_max"] for r in rows),
+            "upsilon_max": max(r["upsilon_max"] for r in rows),
+            "nu_mean": float(np.mean([r["nu_mean"] for r in rows])),
+            "upsilon_mean": float(np.mean([r["upsilon_mean"] for r in rows]))}
+
+
+def record_epoch(run, settings: RecordSettings = RecordSettings(), evaluator=None) -> dict:
+    """One epoch's record (accuracies in [0, 1]). ``evaluator``: one of another checkpoint
+    of the same run, whose compiled programs then serve this one too."""
+    evaluator = evaluator or run.evaluator
+    images, labels = run.test_set(settings.test_examples, multiple_of=settings.batch_size)
+    reestimated = run.with_bn_stats(settings.bn_stats)
+
+    def accuracy(model, mode):
+        return evaluator.accuracy(images, labels, batch_size=settings.batch_size,
+                                  bn_mode=mode, params=model.params,
+                                  batch_stats=model.batch_stats)
+
+    return {
+        "epoch": run.epoch, "num_examples": len(images),
+        "trained": {mode: accuracy(run, mode) for mode in EVAL_BN_MODES},
+        "reestimated": {mode: accuracy(reestimated, mode) for mode in REESTIMATED_MODES},
+        "awn": awn_movement(run.params),
+    }
+
+
+def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=None,
+            data_dir: str | None = None, progress=None) -> dict:
+    """The records of ``epochs`` (default: every saved one) of a run, each computed once
+    and then read from ``<workdir>/records/``."""
+    epochs = checkpointing.saved_epochs(workdir) if epochs is None else list(epochs)
+    key = {"settings": dataclasses.asdict(settings)}
+    records, evaluator = [], None
+    for epoch in epochs:
+        run = load_run(workdir, epoch, data_dir)
+        evaluator = evaluator or run.evaluator
+        records.append(reports.cached(
+            os.path.join(workdir, "records"), f"epoch-{epoch}",
+            {**key, "weights_sha256": run.weights_sha256},
+            lambda run=run: record_epoch(run, settings, evaluator)))
+        if progress is not None:
+            progress(epoch)
+    return {"model": run_label(checkpointing.load_config_dict(workdir)), "workdir": workdir,
+            "settings": dataclasses.asdict(settings), "records": records}
+
+
+def plot(results):
+    """Accuracy per epoch under each mode (trained statistics solid, re-estimated dashed)
+    and AWN's largest ``|nu - 1|`` and ``|upsilon|``."""
+    fig, (ax_acc, ax_awn) = new_figure(1, 2, figsize=(14, 4.5))
+    styles = {"tracked": "-", "running-mean": "--", "running": ":"}
+    for i, r in enumerate(results):
+        color, epochs = f"C{i}", [rec["epoch"] for rec in r["records"]]
+        for mode, style in styles.items():
+            ax_acc.plot(epochs, [100 * rec["trained"][mode] for rec in r["records"]], style,
+                        color=color, lw=1.5, label=f"{r['model']} {mode}")
+        ax_acc.plot(epochs, [100 * rec["reestimated"]["running-mean"] for rec in r["records"]],
+                    "-.", color=color, lw=1, marker=".",
+                    label=f"{r['model']} running-mean, re-estimated statistics")
+        if all(rec["awn"] for rec in r["records"]):
+            ax_awn.plot(epochs, [rec["awn"]["nu_max"] for rec in r["records"]], "-",
+                        color=color, label=f"{r['model']} max |nu - 1|")
+            ax_awn.plot(epochs, [rec["awn"]["upsilon_max"] for rec in r["records"]], "--",
+                        color=color, label=f"{r['model']} max |upsilon|")
+    ax_acc.set(xlabel="epoch", ylabel="clean test accuracy (%)",
+               title="Per epoch, by BN mode and statistics")
+    ax_awn.set(xlabel="epoch", ylabel="distance from the start (nu = 1, upsilon = 0)",
+               title="AWN's adaptive parameters")
+    for ax in (ax_acc, ax_awn):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def format_markdown(results) -> str:
+    """One table per run: an epoch a line."""
+    lines = []
+    for r in results:
+        awn = all(rec["awn"] for rec in r["records"])
+        lines += [f"### {r['model']} (`{r['workdir']}`)", "",
+                  "| epoch | tracked | running-mean | running | tracked, re-est. "
+                  "| running-mean, re-est. |" + (" max abs(nu-1) | max abs(upsilon) |" if awn else ""),
+                  "|" + "---|" * (6 + 2 * awn)]
+        for rec in r["records"]:
+            cells = [rec["trained"][m] for m in EVAL_BN_MODES] + [
+                rec["reestimated"][m] for m in REESTIMATED_MODES]
+            lines.append(f"| {rec['epoch']} | " + " | ".join(f"{100 * c:.2f}" for c in cells)
+                         + (f" | {rec['awn']['nu_max']:.4f} | {rec['awn']['upsilon_max']:.4f} |"
+                            if awn else " |"))
+        lines.append("")
+    return "\n".join(lines)
