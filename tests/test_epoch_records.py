@@ -1,0 +1,79 @@
+"""Per-epoch records (awn_jax.stability.epoch_records): AWN's movement read off the
+parameters, accuracies that are the evaluator's, one cached record per saved epoch."""
+
+import os
+
+import numpy as np
+import pytest
+
+from awn_jax import bn_statistics, data
+from awn_jax.bn_statistics import BNStats
+from awn_jax.evaluation import EVAL_BN_MODES
+from awn_jax.model import named_leaves
+from awn_jax.stability import epoch_records
+from awn_jax.training import checkpointing
+from awn_jax.training.runs import load_run
+from awn_jax.training.state import create_train_state
+from configs import smoke
+
+SETTINGS = epoch_records.RecordSettings(test_examples=40, batch_size=20,
+                                        bn_stats=BNStats("reestimate", 32, batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A random ResNet-20 ANN-AWN on 8x8 synthetic images, saved as epochs 1 and 2, with
+    nu and upsilon of epoch 2 moved by known amounts."""
+    workdir = str(tmp_path_factory.mktemp("records_workdir"))
+    config = smoke.get_config()
+    config.update(dict(layer_type="adder-awn", image_size=8, crop_padding=0,
+                       synthetic_num_train=64, synthetic_num_test=40, batch_size=32,
+                       num_devices=1))
+    dataset = data.get_dataset(config)
+    _, _, state = create_train_state(config, dataset.info, dataset.steps_per_epoch(32))
+    checkpointing.check_or_save_config(config, workdir)
+    checkpointing.save_dataset_info(dataset.info, workdir)
+    manager = checkpointing.make_manager(workdir)
+    checkpointing.save(manager, 1, state)
+    conv = state.params["stages"][0][0]["conv1"]
+    conv["nu"].set_value(conv["nu"][...].at[3].set(1.25))
+    conv["upsilon"].set_value(conv["upsilon"][...].at[0].set(-0.5))
+    checkpointing.save(manager, 2, state)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def test_awn_movement_is_read_off_the_parameters(workdir):
+    first, second = (epoch_records.awn_movement(load_run(workdir, e).params) for e in (1, 2))
+    assert first["nu_max"] == 0 and first["upsilon_max"] == 0
+    assert second["nu_max"] == pytest.approx(0.25) and second["upsilon_max"] == 0.5
+    layer = next(r for r in second["layers"] if r["layer"] == "stages.0.0.conv1")
+    assert layer["nu_mean"] == pytest.approx(0.25 / 16)
+    assert len(second["layers"]) == sum(name.endswith(".nu") for name in
+                                        named_leaves(load_run(workdir).params))
+    assert epoch_records.awn_movement({"conv": {"kernel": np.ones(3)}}) is None
+
+
+def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch):
+    result = epoch_records.collect(workdir, SETTINGS)
+    assert [r["epoch"] for r in result["records"]] == [1, 2]
+    run = load_run(workdir, 2)
+    images, labels = run.test_set(40)
+    record = result["records"][1]
+    for mode in EVAL_BN_MODES:
+        assert record["trained"][mode] == run.evaluator.accuracy(images, labels, batch_size=20,
+                                                                 bn_mode=mode)
+    reestimated = run.with_bn_stats(SETTINGS.bn_stats)
+    assert record["reestimated"]["running-mean"] == reestimated.evaluator.accuracy(
+        images, labels, batch_size=20, bn_mode="running-mean")
+    assert sorted(os.listdir(os.path.join(workdir, "records"))) == ["epoch-1.json",
+                                                                     "epoch-2.json"]
+    monkeypatch.setattr(epoch_records, "record_epoch",
+                        lambda *a, **k: pytest.fail("recomputed a cached record"))
+    monkeypatch.setattr(bn_statistics, "reestimate",
+                        lambda *a, **k: pytest.fail("recomputed cached statistics"))
+    assert epoch_records.collect(workdir, SETTINGS)["records"] == result["records"]
+    markdown = epoch_records.format_markdown([result])
+    assert "| 2 | " in markdown and "max abs(nu-1)" in markdown
+    epoch_records.plot([result])
