@@ -31,7 +31,14 @@ def build_model(config, info) -> nnx.Module:
         config.model, num_classes=info.num_classes, layer_type=config.layer_type,
         mean=info.mean, std=info.std, eta=config.eta if config.eta > 0 else None,
         eps=config.weight_norm_eps, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-        rngs=nnx.Rngs(config.seed))
+        rngs=nnx.Rngs(config.seed), **architecture_options(config))
+
+
+def architecture_options(config) -> dict:
+    """The config's ``shortcut`` and ``head`` (runs saved before these keys existed used
+    the projection shortcut and the conv + BN head)."""
+    return {"shortcut": config.get("shortcut", "projection"),
+            "head": config.get("head", "conv-bn")}
 
 
 def split_model(model: nnx.Module):

@@ -32,6 +32,8 @@ def get_config():
     # layer_type: conv | adder | adder-ws | adder-awn.
     config.model = "resnet20"
     config.layer_type = "adder-awn"
+    config.shortcut = "projection"      # projection (official AdderNet) | option-a (zero pad)
+    config.head = "conv-bn"             # conv-bn (official AdderNet) | linear (with bias)
     config.eta = 0.2                    # adaptive gradient scaling of adder layers (<=0: off)
     config.weight_norm_eps = 1e-5       # eps of WS/AWN
     config.compute_dtype = "float32"    # float32 | bfloat16 (parameters stay float32)

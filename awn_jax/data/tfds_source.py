@@ -50,6 +50,14 @@ def load(config):
     return info, train, test
 
 
+def is_prepared(name: str, data_dir: str | None = None) -> bool:
+    """Whether TFDS has ``name`` prepared in ``data_dir`` (its default when None): reading it
+    then needs no network."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder(name, data_dir=data_dir, file_format="array_record").is_prepared()
+
+
 def _prepared_builder(name, data_dir):
     """The dataset's builder, downloading and preparing it (as ArrayRecord) when missing."""
     import tensorflow_datasets as tfds  # here: image folders and synthetic data need no TFDS

@@ -132,11 +132,12 @@ def count_model(model: nnx.Module, image_size: int | tuple[int, int] = 32) -> Mo
 
 
 def count_architecture(name: str, layer_type: str, *, num_classes: int = 10,
-                       image_size: int | tuple[int, int] = 32) -> ModelCost:
-    """Cost of a named architecture (see ``awn_jax.nn.create_model``), built abstractly."""
+                       image_size: int | tuple[int, int] = 32, **options) -> ModelCost:
+    """Cost of a named architecture (see ``awn_jax.nn.create_model``; ``options``: its
+    ``shortcut`` and ``head``), built abstractly."""
     model = nnx.eval_shape(lambda: create_model(
         name, num_classes=num_classes, layer_type=layer_type, mean=(0.0,) * 3,
-        std=(1.0,) * 3, rngs=nnx.Rngs(0)))
+        std=(1.0,) * 3, rngs=nnx.Rngs(0), **options))
     return count_model(model, image_size)
 
 

@@ -8,7 +8,9 @@ Bottleneck on its 3x3 layer. In both, the stem and the classifier are ordinary
 included, has the model's ``layer_type``. Multiplying kernels start as the official
 models' do: PyTorch's default uniform init in the CIFAR ResNets (``resnet20.py`` sets
 none), Kaiming-normal (fan_out) in the ImageNet ones (``resnet50.py``). The head is a global average pool, a 1x1
-convolution without bias and a BatchNorm, as in the official code. Two documented
+convolution without bias and a BatchNorm, as in the official code (``head="conv-bn"``); the
+public CIFAR ResNet CNNs this project imports use a linear layer with bias and the
+parameter-free "option A" shortcut instead (``head="linear"``, ``shortcut="option-a"``). Two documented
 differences from it, neither changing the function: the official ImageNet classifier
 has a bias, which the BatchNorm after it cancels, so it is left out; its fixed-size
 average pools (8 on CIFAR) are written as a global mean, so small test inputs work.
@@ -44,10 +46,34 @@ class Projection(nnx.Module):
         return self.bn(self.conv(x))
 
 
-def _shortcut(in_features, out_features, stride, make_layer) -> Projection | None:
-    """Identity (``None``) when the shape is kept, else a :class:`Projection`."""
+class ZeroPadShortcut(nnx.Module):
+    """The parameter-free "option A" shortcut of He et al.'s CIFAR ResNets (as in the
+    public ``pytorch_resnet_cifar10``): every second pixel, and the channels zero-padded
+    by ``out_features // 4`` on each side (from 16 to 32 and 32 to 64)."""
+
+    def __init__(self, in_features: int, out_features: int, stride: int):
+        pad = out_features // 4
+        if in_features + 2 * pad != out_features:
+            raise ValueError(f"option-A shortcut: {in_features} channels padded by {pad} on "
+                             f"each side do not make {out_features}")
+        self.stride, self.pad = stride, pad
+
+    def __call__(self, x):
+        x = x[:, ::self.stride, ::self.stride, :]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (self.pad, self.pad)))
+
+
+SHORTCUTS = ("projection", "option-a")
+"""Where a block changes the shape: ``projection`` (a strided 1x1 layer of the model's type
++ BatchNorm, the official AdderNet) or ``option-a`` (:class:`ZeroPadShortcut`)."""
+
+
+def _shortcut(in_features, out_features, stride, make_layer, kind="projection"):
+    """Identity (``None``) when the shape is kept, else the ``kind`` of :data:`SHORTCUTS`."""
     if stride == 1 and in_features == out_features:
         return None
+    if kind == "option-a":
+        return ZeroPadShortcut(in_features, out_features, stride)
     return Projection(in_features, out_features, stride, make_layer)
 
 
@@ -56,12 +82,13 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_features: int, features: int, stride: int, make_layer: MakeLayer):
+    def __init__(self, in_features: int, features: int, stride: int, make_layer: MakeLayer,
+                 shortcut: str = "projection"):
         self.conv1 = make_layer(in_features, features, 3, stride)
         self.bn1 = BatchNorm(features)
         self.conv2 = make_layer(features, features, 3)
         self.bn2 = BatchNorm(features)
-        self.shortcut = _shortcut(in_features, features, stride, make_layer)
+        self.shortcut = _shortcut(in_features, features, stride, make_layer, shortcut)
 
     def __call__(self, x):
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -75,7 +102,8 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_features: int, features: int, stride: int, make_layer: MakeLayer):
+    def __init__(self, in_features: int, features: int, stride: int, make_layer: MakeLayer,
+                 shortcut: str = "projection"):
         out_features = features * self.expansion
         self.conv1 = make_layer(in_features, features, 1)
         self.bn1 = BatchNorm(features)
@@ -83,7 +111,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = BatchNorm(features)
         self.conv3 = make_layer(features, out_features, 1)
         self.bn3 = BatchNorm(out_features)
-        self.shortcut = _shortcut(in_features, out_features, stride, make_layer)
+        self.shortcut = _shortcut(in_features, out_features, stride, make_layer, shortcut)
 
     def __call__(self, x):
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -108,6 +136,8 @@ class ResNet(nnx.Module):
       conv_init: initializer of the multiplying kernels (``layers.CONV_INITS``); ``None``:
         the official one (``torch-default`` for CIFAR ResNets, ``kaiming-normal`` for
         ImageNet ones).
+      shortcut: one of :data:`SHORTCUTS`.
+      head: one of :data:`HEADS`.
       rngs: random streams for the kernels.
     """
 
@@ -115,8 +145,13 @@ class ResNet(nnx.Module):
                  stage_widths: Sequence[int], *, imagenet_stem: bool, num_classes: int,
                  layer_type: str, mean: Sequence[float], std: Sequence[float],
                  eta: float | None = 0.2, eps: float = 1e-5, compute_dtype=jnp.float32,
-                 conv_init: str | None = None, rngs: nnx.Rngs):
+                 conv_init: str | None = None, shortcut: str = "projection",
+                 head: str = "conv-bn", rngs: nnx.Rngs):
         check_layer_type(layer_type)
+        if shortcut not in SHORTCUTS:
+            raise UserError(f"unknown shortcut {shortcut!r}; expected one of {SHORTCUTS}")
+        if head not in HEADS:
+            raise UserError(f"unknown head {head!r}; expected one of {HEADS}")
         if conv_init is None:
             conv_init = "kaiming-normal" if imagenet_stem else "torch-default"
         if len(mean) != 3 or len(std) != 3:
@@ -143,13 +178,17 @@ class ResNet(nnx.Module):
             blocks = []
             for block_index in range(size):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block(in_features, width, stride, make_layer))
+                blocks.append(block(in_features, width, stride, make_layer, shortcut))
                 in_features = width * block.expansion
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
 
         self.classifier = conv(in_features, num_classes, 1)
-        self.classifier_bn = BatchNorm(num_classes)
+        if head == "conv-bn":
+            self.classifier_bn = BatchNorm(num_classes)
+        else:
+            self.classifier_bias = nnx.Param(jnp.zeros((num_classes,), jnp.float32))
+        self.head = head
 
     def __call__(self, images):
         x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
@@ -159,10 +198,15 @@ class ResNet(nnx.Module):
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        x = jnp.mean(x, axis=(1, 2), keepdims=True)
-        x = self.classifier_bn(self.classifier(x))
+        x = self.classifier(jnp.mean(x, axis=(1, 2), keepdims=True))
+        x = self.classifier_bn(x) if self.head == "conv-bn" else x + self.classifier_bias[...]
         return x.reshape(x.shape[0], -1).astype(jnp.float32)
 
+
+HEADS = ("conv-bn", "linear")
+"""After the global average pool: ``conv-bn`` (a 1x1 multiplying convolution without bias and
+a BatchNorm over the logits, the official AdderNet) or ``linear`` (the same convolution with
+a bias and no BatchNorm: a linear layer, as in the public CIFAR ResNet CNNs)."""
 
 # name -> (block, blocks per stage, stage widths, ImageNet stem)
 ARCHITECTURES = {
@@ -176,11 +220,13 @@ ARCHITECTURES = {
 
 def create_model(name: str, *, num_classes: int, layer_type: str, mean: Sequence[float],
                  std: Sequence[float], eta: float | None = 0.2, eps: float = 1e-5,
-                 compute_dtype=jnp.float32, rngs: nnx.Rngs) -> ResNet:
+                 compute_dtype=jnp.float32, shortcut: str = "projection",
+                 head: str = "conv-bn", rngs: nnx.Rngs) -> ResNet:
     """Build one of :data:`ARCHITECTURES` by name."""
     if name not in ARCHITECTURES:
         raise UserError(f"unknown model {name!r}; expected one of {tuple(ARCHITECTURES)}")
     block, stage_sizes, stage_widths, imagenet_stem = ARCHITECTURES[name]
     return ResNet(block, stage_sizes, stage_widths, imagenet_stem=imagenet_stem,
                   num_classes=num_classes, layer_type=layer_type, mean=mean, std=std,
-                  eta=eta, eps=eps, compute_dtype=compute_dtype, rngs=rngs)
+                  eta=eta, eps=eps, compute_dtype=compute_dtype, shortcut=shortcut,
+                  head=head, rngs=rngs)

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from awn_jax import data
+from awn_jax.data import tfds_source
 from awn_jax.bn_statistics import BNStats
 from awn_jax.errors import UserError
 from awn_jax.model import build_model, fill_named, named_leaves, split_model
@@ -53,7 +54,7 @@ def names(directory: str = WEIGHTS_DIR) -> list[str]:
     return sorted(manifest(directory))
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,8 +70,10 @@ def _info(entry) -> data.DatasetInfo:
 def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR,
          bn_stats: BNStats = BNStats()) -> Run:
     """The shipped model ``name`` as a :class:`Run`. ``data_dir``: a CIFAR-10 image folder
-    for its test images (``run.test_set``, evaluations); without it the run has no
-    dataset unless the model was trained on TFDS data (then TFDS provides it).
+    (``<dir>/{train,test}/<class>/``) for its test images (``run.test_set``, evaluations)
+    and training images (re-estimated statistics), or a TFDS data directory; without it the
+    run has no dataset unless the model names a TFDS dataset prepared in TFDS's default
+    folder (loading never downloads).
     ``bn_stats``: other BN statistics than the shipped ones, e.g. ``BNStats("reestimate")``
     (re-estimated on the training images of ``data_dir``, then kept in the user cache)."""
     models = manifest(directory)
@@ -78,7 +81,7 @@ def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR,
         raise UserError(f"no shipped model {name!r}; shipped: {', '.join(models) or 'none'}")
     entry = models[name]
     path = os.path.join(directory, entry["file"])
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise UserError(f"{path} does not match its sha256 in the manifest: a damaged or "
                         "replaced file (on a clone, `git lfs`/checkout problems)")
     config = ml_collections.ConfigDict(entry["config"])
@@ -90,16 +93,22 @@ def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR,
     dataset = None
     if data_dir:
         config.data_dir = os.path.abspath(os.path.expanduser(data_dir))
+        if os.path.isdir(os.path.join(config.data_dir, "test")):  # an image folder
+            config.dataset = "image_folder"
         dataset = data.dataset_for_run(config, info)
-    elif config.dataset != "image_folder":
+    elif config.dataset in tfds_source.DATASETS and tfds_source.is_prepared(
+            config.dataset, config.data_dir or None):  # never a download on load
         dataset = data.dataset_for_run(config, info)
     return Run(f"pretrained:{name}", config, dataset, entry["epoch"], graphdef, params,
                batch_stats).with_bn_stats(bn_stats)
 
 
-def export(run: Run, name: str, directory: str, **details) -> dict:
+def export(run: Run, name: str, directory: str, info: data.DatasetInfo | None = None,
+           **details) -> dict:
     """Write ``run``'s parameters and BN statistics as ``<directory>/<name>.npz`` and add
-    its entry to the manifest there (``details``: budget, accuracies, commands, ...)."""
+    its entry to the manifest there (``details``: budget, accuracies, commands, ...).
+    ``info``: the dataset the model is for, when ``run`` has no dataset."""
+    info = info or run.dataset.info
     os.makedirs(directory, exist_ok=True)
     arrays = {f"params/{k}": np.asarray(v) for k, v in named_leaves(run.params).items()}
     arrays.update({f"batch_stats/{k}": np.asarray(v)
@@ -108,8 +117,8 @@ def export(run: Run, name: str, directory: str, **details) -> dict:
     np.savez_compressed(path, **arrays)
     images = check_images()
     entry = {
-        "file": f"{name}.npz", "sha256": _sha256(path), "epoch": run.epoch,
-        "config": run.config.to_dict(), "dataset_info": dataclasses.asdict(run.dataset.info),
+        "file": f"{name}.npz", "sha256": file_sha256(path), "epoch": run.epoch,
+        "config": run.config.to_dict(), "dataset_info": dataclasses.asdict(info),
         "check_input": {"seed": CHECK_SEED, "shape": list(CHECK_SHAPE)},
         "check_logits": {mode: np.asarray(jax.jit(run.logits_fn(mode))(images)).tolist()
                          for mode in CHECK_BN_MODES},

@@ -14,6 +14,7 @@ import tqdm
 
 from awn_jax import reports
 from awn_jax.evaluation import EVAL_BN_MODES, check_bn_modes
+from awn_jax.model import architecture_options
 from awn_jax.nn import counting
 from awn_jax.robustness import attacks
 
@@ -34,7 +35,8 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
     parts = [(slice(0, full), batch_size), (slice(full, None), len(images) - full)]
     cost = counting.count_architecture(run.config.model, run.config.layer_type,
                                        num_classes=run.dataset.info.num_classes,
-                                       image_size=run.config.image_size)
+                                       image_size=run.config.image_size,
+                                       **architecture_options(run.config))
     accuracy = {mode: {} for mode in bn_modes}
     with tqdm.tqdm(total=len(bn_modes) * (1 + len(attack_names)), disable=not show_progress,
                    desc=run.name, unit="eval") as progress:

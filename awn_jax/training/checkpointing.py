@@ -22,6 +22,11 @@ RESUMABLE_CHANGES = frozenset({
     "max_checkpoints_to_keep", "num_devices", "data_dir"})
 
 
+# Keys added to the config after runs were saved, with the value those runs had: a saved
+# config without the key is the same run.
+ADDED_KEYS = {"shortcut": "projection", "head": "conv-bn"}
+
+
 class CheckpointError(UserError):
     """A checkpoint or workdir that cannot be used; nothing in it was changed."""
 
@@ -51,7 +56,7 @@ def check_or_save_config(config, workdir: str) -> None:
     """Refuse a workdir trained with a different config; save the resolved config."""
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(_config_path(workdir)):
-        saved = load_config_dict(workdir)
+        saved = {**ADDED_KEYS, **load_config_dict(workdir)}
         changed = sorted(k for k in set(saved) | set(current)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
         if changed:

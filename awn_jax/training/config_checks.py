@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from awn_jax import data, model
 from awn_jax.errors import UserError
 from awn_jax.evaluation import EVAL_BN_MODES
-from awn_jax.nn import ARCHITECTURES, LAYER_TYPES
+from awn_jax.nn import ARCHITECTURES, HEADS, LAYER_TYPES, SHORTCUTS
 from awn_jax.training.optimizer import LR_SCHEDULES
 
 
@@ -90,6 +90,8 @@ CHOICES = {
     "normalization": data.NORMALIZATIONS,
     "model": tuple(ARCHITECTURES),
     "layer_type": LAYER_TYPES,
+    "shortcut": SHORTCUTS,
+    "head": HEADS,
     "compute_dtype": tuple(model.COMPUTE_DTYPES),
     "lr_schedule": LR_SCHEDULES,
     "eval_bn_mode": EVAL_BN_MODES,
