@@ -15,6 +15,8 @@ Studies (``--study``, comma-separated, or ``all``: the paper's, the first four):
                    re-estimated statistics, AWN's nu/upsilon movement (--num-examples test
                    images, default 2000; statistics re-estimated as --bn-stats asks, by
                    default on 2000 images; kept in <workdir>/records/)
+  layer-variance   Sec. 3 on a trained adder network: per adder layer the kernel, input and
+                   output statistics against Eq. 7-8 (workdirs and --pretrained models)
 Each writes stability_<study>.json and .png into --output-dir (default: the first workdir);
 bn-diagnostics writes bn_diagnostics[+<statistics>].json/.md/.png.
 """
@@ -27,12 +29,14 @@ from absl import flags
 from awn_jax import cli, pretrained, reports
 from awn_jax.errors import UserError
 from awn_jax.stability import (bn_diagnostics, curves, distributions, epoch_records,
-                               interpolation, theory)
+                               interpolation, layer_variance, theory)
 from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
 
 STUDIES = ("interpolation", "curves", "distributions", "variance-theory", "bn-diagnostics",
-           "epoch-records")
+           "epoch-records", "layer-variance")
+# Studies of a model rather than a training run: they also take --pretrained models.
+MODEL_STUDIES = ("bn-diagnostics", "layer-variance")
 
 _STUDY = flags.DEFINE_list("study", ["all"], f"Studies to run: {', '.join(STUDIES)} or all.")
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Training workdir(s), compared in one figure.")
@@ -75,7 +79,8 @@ _THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo dr
 
 
 def _studies() -> list[str]:
-    names = ([s for s in STUDIES if s not in ("bn-diagnostics", "epoch-records")]
+    names = ([s for s in STUDIES if s not in ("bn-diagnostics", "epoch-records",
+                                              "layer-variance")]
              if _STUDY.value == ["all"]
              else _STUDY.value)
     unknown = [n for n in names if n not in STUDIES]
@@ -133,12 +138,28 @@ def _distributions(workdirs, output_dir) -> None:
            ("_bn", distributions.plot_bn(results)))
 
 
-def _bn_diagnostics(workdirs, output_dir) -> None:
+def _models(workdirs):
+    """The latest checkpoint of each workdir and the --pretrained models, with the BN
+    statistics --bn-stats asks for."""
     loaded = [load_run(w, data_dir=_DATA_DIR.value) for w in workdirs]
     loaded += [pretrained.load(name, data_dir=_DATA_DIR.value) for name in _PRETRAINED.value]
+    return [run.with_bn_stats(_BN_STATS(_BATCH_SIZE.value)) for run in loaded]
+
+
+def _layer_variance(workdirs, output_dir) -> None:
     results = []
-    for run in loaded:
-        run = run.with_bn_stats(_BN_STATS(_BATCH_SIZE.value))
+    for run in _models(workdirs):
+        images, _ = run.test_set(_NUM_EXAMPLES.value or 2000)
+        results.append(layer_variance.analyze(run, images, bn_mode=_BN_MODE.value,
+                                              batch_size=_BATCH_SIZE.value))
+    markdown = layer_variance.format_markdown(results)
+    print(reports.write(output_dir, "stability_layer_variance", results, markdown))
+    print(markdown)
+
+
+def _bn_diagnostics(workdirs, output_dir) -> None:
+    results = []
+    for run in _models(workdirs):
         images, labels = run.test_set(_NUM_EXAMPLES.value or 2000, multiple_of=_BATCH_SIZE.value)
         results.append(bn_diagnostics.diagnose(
             run, images, labels, bn_modes=_BN_MODES.value, batch_size=_BATCH_SIZE.value,
@@ -175,11 +196,11 @@ def main(argv):
             raise UserError(f"no such workdir: {workdir}")
         checkpointing.load_config_dict(workdir)  # fails on a directory that is no workdir
     needing = [s for s in studies if s != "variance-theory"
-               and not (s == "bn-diagnostics" and _PRETRAINED.value)]
+               and not (s in MODEL_STUDIES and _PRETRAINED.value)]
     if not workdirs and needing:
         raise UserError(f"the studies {', '.join(needing)} need at least one --workdir"
-                        + (" (bn-diagnostics: or --pretrained)" if "bn-diagnostics" in needing
-                           else ""))
+                        + (f" ({', '.join(s for s in needing if s in MODEL_STUDIES)}: or "
+                           "--pretrained)" if set(needing) & set(MODEL_STUDIES) else ""))
     output_dir = _OUTPUT_DIR.value or (workdirs[0] if workdirs else None)
     if output_dir is None:
         raise UserError("pass --output-dir (or a --workdir to write into)")
@@ -192,6 +213,8 @@ def main(argv):
         _distributions(workdirs, output_dir)
     if "bn-diagnostics" in studies:
         _bn_diagnostics(workdirs, output_dir)
+    if "layer-variance" in studies:
+        _layer_variance(workdirs, output_dir)
     if "epoch-records" in studies:
         _epoch_records(workdirs, output_dir)
     if "variance-theory" in studies:

@@ -25,7 +25,6 @@ nothing is computed and even ImageNet models are counted in about a second.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from awn_jax.nn import Conv2d, create_model, set_bn_mode
+from awn_jax.nn.layers import record_calls
 
 MUL_ENERGY_PJ = 3.7
 ADD_ENERGY_PJ = 0.9
@@ -87,27 +87,6 @@ def layer_cost(layer: Conv2d, output_hw: tuple[int, int], name: str = "") -> Lay
                      layer.out_features, tuple(output_hw), mul, add)
 
 
-@contextlib.contextmanager
-def _recording_layer_calls(calls: list):
-    """Append ``(layer, output shape)`` to ``calls`` for every Conv2d call, in call order.
-
-    Wraps ``Conv2d.__call__`` for the duration (what ``nnx.capture`` does for whole
-    classes, but keeping the order); not thread-safe.
-    """
-    original_call = Conv2d.__call__
-
-    def recording_call(self, x):
-        y = original_call(self, x)
-        calls.append((self, y.shape))
-        return y
-
-    Conv2d.__call__ = recording_call
-    try:
-        yield
-    finally:
-        Conv2d.__call__ = original_call
-
-
 def count_model(model: nnx.Module, image_size: int | tuple[int, int] = 32) -> ModelCost:
     """Per-layer and total cost of ``model`` (real or abstract) for one RGB image.
 
@@ -122,7 +101,7 @@ def count_model(model: nnx.Module, image_size: int | tuple[int, int] = 32) -> Mo
         clone = nnx.merge(graphdef, state)  # the caller's model keeps its BN modes and stats
         set_bn_mode(clone, "tracked")
         paths.update({id(module): path for path, module in nnx.iter_modules(clone)})
-        with _recording_layer_calls(calls):
+        with record_calls(lambda layer, x, y: calls.append((layer, y.shape))):
             return clone(images)
 
     jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32))

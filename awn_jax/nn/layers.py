@@ -9,6 +9,9 @@ transform into it (and into AWN's ``nu``, ``upsilon``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -112,3 +115,24 @@ class Conv2d(nnx.Module):
                 x, kernel, (self.stride, self.stride), [(self.padding, self.padding)] * 2,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return adder_conv2d(x, kernel, self.stride, self.padding, self.eta)
+
+
+@contextlib.contextmanager
+def record_calls(callback: Callable):
+    """Inside this context every :class:`Conv2d` call also calls ``callback(layer, x, y)``
+    (its input and output), in call order: for counting operations, or reading what each
+    layer meets while a function is traced. Wraps ``Conv2d.__call__`` for the duration
+    (what ``nnx.capture`` does for whole classes, but keeping the order and the input);
+    not thread-safe."""
+    original_call = Conv2d.__call__
+
+    def recording_call(self, x):
+        y = original_call(self, x)
+        callback(self, x, y)
+        return y
+
+    Conv2d.__call__ = recording_call
+    try:
+        yield
+    finally:
+        Conv2d.__call__ = original_call
