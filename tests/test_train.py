@@ -2,6 +2,7 @@
 parallelism, and the failures that must stop a run without losing anything."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from awn_jax import data
 from awn_jax.distributed import make_mesh
 from awn_jax.ops import adder_vjp
 from awn_jax.training import checkpointing
+from awn_jax.training.runs import load_run
 from awn_jax.training.loop import Trainer, train_and_evaluate
 from awn_jax.training import loop as train_module
 from awn_jax.training.metrics import read_metrics
@@ -149,6 +151,55 @@ def test_corrupt_checkpoint_stops_the_run_and_is_kept(uninterrupted, tmp_path):
     for path in damaged:
         with open(path, "rb") as f:
             assert f.read() == b"not a checkpoint"
+
+
+def _snapshot(directory):
+    """Every file under ``directory`` and its bytes."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return out
+
+
+def _largest(paths):
+    return max(paths, key=os.path.getsize)
+
+
+# One file of each kind in the checkpoint of epoch 2, cut to half its size: the array data
+# (the ocdbt data files under d/), the tree metadata and the step's own metadata.
+CHECKPOINT_FILES = {
+    "array data": lambda step: _largest([os.path.join(root, f) for root, _, files in
+                                         os.walk(step) for f in files
+                                         if os.path.basename(root) == "d"]),
+    "tree metadata": lambda step: os.path.join(step, "default", "_METADATA"),
+    "step metadata": lambda step: os.path.join(step, "_CHECKPOINT_METADATA"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_FILES))
+def test_a_truncated_checkpoint_file_is_one_error_and_changes_nothing(kind, uninterrupted,
+                                                                      tmp_path):
+    """Resuming with a longer run (which would rewrite config.json) and evaluating both stop
+    with one CheckpointError naming the epoch, and every file of the workdir is as it was."""
+    workdir = str(tmp_path / "truncated")
+    shutil.copytree(uninterrupted, workdir)
+    path = CHECKPOINT_FILES[kind](os.path.join(workdir, "checkpoints", "2"))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    before = _snapshot(workdir)
+    with pytest.raises(checkpointing.CheckpointError, match="epoch 2"):
+        train_and_evaluate(_config(num_epochs=3), workdir)
+    assert _snapshot(workdir) == before
+    with pytest.raises(checkpointing.CheckpointError, match="epoch 2"):
+        load_run(workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_a_missing_workdir_is_named_as_such(tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="no such workdir"):
+        load_run(str(tmp_path / "nowhere"))
 
 
 def test_workdir_of_another_config_is_refused(uninterrupted):

@@ -88,14 +88,17 @@ def _call_order(graphdef, run, images) -> list[str]:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _input_variances(graphdef, scaled, params, batch_stats, images, scale):
     """Every BN's per-channel input variance over the batch, with the output of the BN
-    ``scaled`` (a name, or None) multiplied by ``scale``."""
+    ``scaled`` (a name, or None) scaled by ``scale`` about the BN's shift (its ``bias``)."""
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     path_of, out = bn_paths(model), {}
 
     def record(module, x, y):
         name = path_of[id(module)]
         out[name] = jnp.var(x, axis=tuple(range(x.ndim - 1)))
-        return y * scale if name == scaled else y
+        if name != scaled:
+            return y
+        shift = module.bias[...]  # what the BN adds after normalizing: kept
+        return shift + scale * (y - shift)
 
     with intercept(record):
         model(images)

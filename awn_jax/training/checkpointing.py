@@ -38,6 +38,8 @@ def _config_path(workdir):
 def load_config_dict(workdir: str) -> dict:
     """The resolved config a run saved in its workdir."""
     path = _config_path(workdir)
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"no such workdir: {workdir}")
     if not os.path.exists(path):
         raise CheckpointError(f"{workdir} holds no config.json: not a training workdir")
     return _read_json(path)
@@ -52,21 +54,27 @@ def _read_json(path: str):
                                   "--workdir") from error
 
 
-def check_or_save_config(config, workdir: str) -> None:
-    """Refuse a workdir trained with a different config; save the resolved config."""
+def check_config(config, workdir: str) -> None:
+    """Refuse a workdir trained with a different config; writes nothing."""
+    if not os.path.exists(_config_path(workdir)):
+        return
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(_config_path(workdir)):
-        saved = {**ADDED_KEYS, **load_config_dict(workdir)}
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise CheckpointError(f"{workdir} was trained with another config ({details}); "
-                                  "use a new --workdir or the same config")
+    saved = {**ADDED_KEYS, **load_config_dict(workdir)}
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{workdir} was trained with another config ({details}); "
+                              "use a new --workdir or the same config")
+
+
+def check_or_save_config(config, workdir: str) -> None:
+    """:func:`check_config`, then save the resolved config."""
+    check_config(config, workdir)
     if jax.process_index() == 0:
         tmp = _config_path(workdir) + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
         os.replace(tmp, _config_path(workdir))
 
 
@@ -107,17 +115,28 @@ def restore(manager: ocp.CheckpointManager, epoch: int, target):
     """The state saved after ``epoch``, laid out (shapes, dtypes, shardings) like ``target``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
+        _check_step_metadata(manager, epoch)
         return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-    # What Orbax and TensorStore raise for a checkpoint they cannot use: ValueError for
-    # unparsable metadata, missing or damaged arrays and another model's tree or shapes;
-    # OSError for a file that cannot be read.
-    except (ValueError, OSError) as error:
+    # Orbax and TensorStore raise ValueError for unparsable metadata and another model's
+    # tree or shapes, OSError for a file that cannot be read, and a plain Exception for
+    # damaged array data ("Encountered error while reading array index ..."): at this
+    # boundary every exception of the restore means the checkpoint cannot be used.
+    except Exception as error:  # noqa: BLE001
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise CheckpointError(
             f"cannot restore the checkpoint of epoch {epoch} in {manager.directory} "
             f"({type(error).__name__}: {reason}); it is corrupt or from an incompatible model. "
             "It was left untouched: move it away to start over, or use another --workdir"
         ) from error
+
+
+def _check_step_metadata(manager, epoch: int) -> None:
+    """Orbax restores without reading the step's own metadata, but writes it again later:
+    a damaged one is refused like any damaged file of the checkpoint."""
+    path = os.path.join(str(manager.directory), str(epoch), "_CHECKPOINT_METADATA")
+    if os.path.exists(path):
+        with open(path) as f:
+            json.load(f)
 
 
 def saved_epochs(workdir: str) -> list[int]:

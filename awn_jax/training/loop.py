@@ -150,10 +150,17 @@ def run_epochs(config, workdir: str, dataset_info, trainer, evaluate_epoch,
     train metrics)``; ``evaluate_epoch(state, epoch)`` returns the epoch's test metrics
     (may be empty). Returns the last epoch's metrics."""
     os.makedirs(workdir, exist_ok=True)
+    # Nothing in the workdir changes before its checkpoint is restored: a damaged one stops
+    # the run with the config and files as they were.
+    checkpointing.check_config(config, workdir)
+    manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
+    try:
+        state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
+    except checkpointing.CheckpointError:
+        manager.close()
+        raise
     checkpointing.check_or_save_config(config, workdir)
     checkpointing.save_dataset_info(dataset_info, workdir)
-    manager = checkpointing.make_manager(workdir, config.max_checkpoints_to_keep)
-    state, start_epoch = checkpointing.restore_latest(manager, trainer.initial_state)
     writer = MetricsWriter(workdir, start_epoch)
     steps_per_epoch = trainer.steps_per_epoch
     progress = tqdm.tqdm(total=config.num_epochs * steps_per_epoch,
