@@ -37,12 +37,12 @@ class Path(nnx.Module):
         return jnp.mean(self.bn2(self.conv2(y)), axis=(1, 2))
 
 
-def _run(layer_type="conv"):
+def _run(layer_type="conv", shift=True):
     graphdef, params, batch_stats = split_model(Path(nnx.Rngs(0), layer_type))
     rng = np.random.default_rng(0)
     batch_stats["bn1"]["mean"].set_value(rng.normal(0, 0.3, 4).astype(np.float32))
     batch_stats["bn1"]["var"].set_value(rng.uniform(0.05, 0.2, 4).astype(np.float32))
-    params["bn1"]["bias"].set_value(rng.normal(0, 1, 4).astype(np.float32))
+    params["bn1"]["bias"].set_value(rng.normal(0, 1, 4).astype(np.float32) * shift)
     config = ml_collections.ConfigDict({"layer_type": "conv"})
     return Run("toy", config, None, 0, graphdef, params, batch_stats)
 
@@ -53,10 +53,11 @@ def _images(n=40):
 
 @pytest.mark.parametrize("mode", ["tracked", "running-mean", "running"])
 def test_gain_through_a_homogeneous_path_is_the_square_of_the_scale(mode):
-    """relu(s y) = s relu(y) for s > 0 and the convolution is linear: the next BN's input
-    is scaled by s exactly, its variance by s**2, whatever the BN mode upstream."""
-    (row,) = bn_diagnostics.variance_gains(_run(), _images(), bn_mode=mode, scale=1.1,
-                                           batch_size=20)
+    """BN without a shift: relu(s y) = s relu(y) for s > 0 and the convolution is linear,
+    so the next BN's input is scaled by s exactly, its variance by s**2, whatever the BN
+    mode upstream."""
+    (row,) = bn_diagnostics.variance_gains(_run(shift=False), _images(), bn_mode=mode,
+                                           scale=1.1, batch_size=20)
     assert (row["layer"], row["next"]) == ("bn1", "bn2")
     assert row["gain"] == pytest.approx(1.21, rel=1e-5)
     assert row["min"] == pytest.approx(1.21, rel=1e-5)
@@ -64,10 +65,12 @@ def test_gain_through_a_homogeneous_path_is_the_square_of_the_scale(mode):
     assert row["elasticity"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_an_adder_layer_on_the_path_is_not_homogeneous():
-    (row,) = bn_diagnostics.variance_gains(_run("adder"), _images(), scale=1.1,
-                                           batch_size=20)
-    assert abs(row["gain"] - 1.21) > 1e-3
+def test_the_scaling_keeps_the_shift_and_an_adder_layer_is_not_homogeneous():
+    """With a shift, relu(b + s d) is not s relu(b + d): the gain moves off s**2 even on a
+    multiplying path; an adder layer moves it too."""
+    for run in (_run(), _run("adder", shift=False)):
+        (row,) = bn_diagnostics.variance_gains(run, _images(), scale=1.1, batch_size=20)
+        assert abs(row["gain"] - 1.21) > 1e-3
 
 
 def test_variance_ratio_is_the_mean_square_over_the_stored_variance():

@@ -7,11 +7,12 @@ measurements locate where it goes wrong (docs/REPRODUCTION.md, "Why -R collapses
 * :func:`variance_ratios` -- per BN, in the order the forward calls them: the mean square
   of what it normalizes (the input minus the mean it uses) over the variance it divides
   by, channel by channel. 1 where the statistics fit the inputs.
-* :func:`variance_gains` -- scale one BN's output by ``s`` and measure the input variance of
-  the next BN that depends on it, relative to the unscaled forward: ``s**2`` through a
-  linear path (elasticity ``log gain / log s**2`` = 1), more where the layers between
-  amplify a wider input (> 1: a deviation grows from layer to layer), less where they damp
-  it (< 1: it shrinks back).
+* :func:`variance_gains` -- scale one BN's output about its shift (the ``bias`` it adds
+  after normalizing) by ``s``, which is what a stored variance off by ``1/s**2`` does under
+  "-R", and measure the input variance of the next BN that depends on it, relative to the
+  unscaled forward: ``s**2`` through a linear path (elasticity ``log gain / log s**2`` =
+  1), more where the layers between amplify the change (> 1: a mismatch grows from layer
+  to layer), less where they damp it (< 1).
 * :func:`variance_scale_accuracy` -- accuracy with every stored variance multiplied by a
   factor: how close to a knife edge a mode sits.
 * :func:`batch_accuracy` -- accuracy against the evaluation batch size, and on
@@ -107,9 +108,10 @@ def _input_variances(graphdef, scaled, params, batch_stats, images, scale):
 
 def variance_gains(run, images, *, bn_mode: str = "running-mean", scale: float = 1.1,
                    batch_size: int = 500, tolerance: float = 1e-4) -> list[dict]:
-    """Per BN but the last: its output scaled by ``scale``, the input variance of the first
-    later BN that changes by more than ``tolerance`` (the next one it feeds) over its
-    unscaled value, mean over channels and batches (``scale**2`` for a linear path)."""
+    """Per BN but the last: its output scaled by ``scale`` about its shift, the input variance
+    of the first later BN that changes by more than ``tolerance`` (the next one it feeds)
+    over its unscaled value, mean over channels and batches (``scale**2`` for a linear
+    path)."""
     check_bn_modes([bn_mode])
     graphdef = with_bn_mode(run.graphdef, run.params, run.batch_stats, bn_mode)
     order = _call_order(graphdef, run, images[:2])
