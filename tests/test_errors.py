@@ -210,3 +210,35 @@ def test_evaluate_cli_prints_its_table_without_logging(tmp_path):
     assert result.stdout.splitlines()[0].startswith("| model | BN mode | clean | fgsm |")
     assert len(result.stdout.splitlines()) == 3  # header, rule, one row
     assert not ABSL_LOG_LINE.search(result.stderr), result.stderr[-3000:]
+
+
+def test_offline_tfds_fails_within_seconds_and_names_the_image_folder(tmp_path, monkeypatch):
+    """The network blocked (every connection refused): preparing TFDS cifar10 stops before
+    TFDS's minutes of retries, writes nothing into its data_dir, and says how to go on."""
+    import socket
+    import time
+
+    from awn_jax.data import tfds_source
+
+    def refuse(*args, **kwargs):
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    config = default.get_config()
+    config.update(dataset="cifar10", data_dir=str(tmp_path / "tfds"))
+    start = time.monotonic()
+    with pytest.raises(MissingDataError, match="cannot be reached.*dataset=image_folder"):
+        get_dataset(config)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*"))
+    assert tfds_source.DATASETS["cifar10"].download_host == "www.cs.toronto.edu"
+
+
+def test_an_image_folder_given_as_tfds_data_dir_is_refused(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    config = default.get_config()
+    config.update(dataset="cifar10", data_dir=str(tmp_path))
+    with pytest.raises(MissingDataError, match="is an image folder.*dataset=image_folder"):
+        get_dataset(config)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no cifar10/, downloads/

@@ -6,6 +6,8 @@ when the dataset is missing, with TensorFlow kept off the accelerators.
 """
 
 import dataclasses
+import os
+import socket
 
 import numpy as np
 from absl import logging
@@ -20,14 +22,20 @@ class _Spec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     in_memory: bool  # small enough to decode once and keep as uint8 arrays
+    download_host: str | None = None  # where TFDS downloads it from (None: a manual download)
 
 
+_TORONTO = "www.cs.toronto.edu"
 DATASETS = {
     # The official AdderNet CIFAR-10 normalization (main.py of the AdderNet repository).
-    "cifar10": _Spec("test", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), True),
-    "cifar100": _Spec("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "cifar10": _Spec("test", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), True,
+                     _TORONTO),
+    "cifar100": _Spec("test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+                      _TORONTO),
     "imagenet2012": _Spec("validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
 }
+IMAGE_FOLDER_HINT = ("without network, train on an image folder (<root>/{train,test}/<class>/"
+                     "*.jpg): --config.dataset=image_folder --config.data_dir=<root>")
 
 
 def load(config):
@@ -58,12 +66,46 @@ def is_prepared(name: str, data_dir: str | None = None) -> bool:
     return tfds.builder(name, data_dir=data_dir, file_format="array_record").is_prepared()
 
 
+def _looks_like_image_folder(data_dir) -> bool:
+    """``train/`` or ``test/`` holding class folders: an image folder, not a TFDS data_dir."""
+    if not data_dir:
+        return False
+    for split in ("train", "test"):
+        path = os.path.join(os.path.expanduser(data_dir), split)
+        if os.path.isdir(path) and any(entry.is_dir() for entry in os.scandir(path)):
+            return True
+    return False
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host``'s HTTPS port opens within ``timeout`` seconds
+    (TFDS itself retries for minutes before giving up)."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _prepared_builder(name, data_dir):
-    """The dataset's builder, downloading and preparing it (as ArrayRecord) when missing."""
+    """The dataset's builder, downloading and preparing it (as ArrayRecord) when missing;
+    one clear error, within seconds and writing nothing, when ``data_dir`` is an image
+    folder or the download site cannot be reached."""
+    if _looks_like_image_folder(data_dir):
+        raise MissingDataError(
+            f"{data_dir} is an image folder, not a TFDS data directory: pass "
+            f"--config.dataset=image_folder --config.data_dir={data_dir}")
     import tensorflow_datasets as tfds  # here: image folders and synthetic data need no TFDS
 
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
+        host = DATASETS[name].download_host if name in DATASETS else None
+        if host and not _reachable(host):
+            raise MissingDataError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and its download "
+                f"site {host} cannot be reached (offline?); {IMAGE_FOLDER_HINT}, or prepare "
+                f"it elsewhere: `tfds build {name} --file_format=array_record --data_dir=DIR`, "
+                "then --config.data_dir=DIR")
         logging.info("Preparing TFDS dataset %s in %s", name, builder.data_dir)
         _keep_tensorflow_off_accelerators()
         try:
@@ -75,7 +117,8 @@ def _prepared_builder(name, data_dir):
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
                 f"failed ({type(error).__name__}: {error}). Prepare it first, e.g. "
                 f"`tfds build {name} --file_format=array_record --data_dir=DIR` on a machine "
-                f"with network access, then pass --config.data_dir=DIR") from error
+                f"with network access, then pass --config.data_dir=DIR; or "
+                f"{IMAGE_FOLDER_HINT}") from error
     return builder
 
 
