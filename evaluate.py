@@ -30,7 +30,9 @@ A detection workdir (trained from a configs/voc_frcnn_* config) gets its VOC mAP
 per-class AP table instead (detection_eval.json/.md; --epoch, --data-dir, --num-examples
 and --output-dir apply). Without --workdir, the --config file's workdir is used;
 --pretrained NAME evaluates a shipped model instead (awn_jax.pretrained; its test images
-from --data-dir, or TFDS).
+from --data-dir, or TFDS), by default on the test images its manifest's accuracies were
+measured on, with the report in awn-reports/NAME/ unless --output-dir says otherwise.
+Every study prints where its report went.
 """
 
 import dataclasses
@@ -68,13 +70,15 @@ _STEP_SIZE = flags.DEFINE_float("step-size", None, "Step size (default 2/255).",
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch-size", None, "Evaluation batch (BN statistics!); default 500, and 128 for the "
     "partitions and threat models of the batch study.", lower_bound=1)
-_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).",
-                                     lower_bound=1)
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    "num-examples", None, "Test examples (default: all; for --pretrained, those its manifest's "
+    "accuracies were measured on).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.", lower_bound=0)
 _EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the latest).",
                               lower_bound=1)
 _DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
-_OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write the report.")
+_OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write the report (default: "
+                                  "the first workdir; awn-reports/NAME for --pretrained).")
 _EPS_VALUES = flags.DEFINE_list("eps-values", [f"{e:g}" for e in studies.SWEEP_EPS],
                                 "eps-sweep: the eps values.")
 _STEPS_VALUES = flags.DEFINE_list("steps-values", [str(s) for s in studies.SWEEP_STEPS],
@@ -111,6 +115,7 @@ _CONTROL_BATCH = flags.DEFINE_integer("control-batch-size", 50, "strict: size of
                                       "single-class (and matching mixed) control batches.")
 
 PAPER_ATTACKS = ("fgsm", "bim", "pgd", "mim", "rfgsm")
+PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output-dir: awn-reports/<names>
 STUDIES = ("table", "eps-sweep", "steps-sweep", "batch", "strict")
 
 
@@ -133,9 +138,15 @@ def main(argv):
         raise UserError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
     bn_modes = robustness.check_bn_modes(
         robustness.EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
+    num_examples = _NUM_EXAMPLES.value
     if _PRETRAINED.value:
-        output_dir = _OUTPUT_DIR.value or "."
+        output_dir = _OUTPUT_DIR.value or os.path.join(PRETRAINED_REPORTS,
+                                                       "+".join(_PRETRAINED.value))
         loaded = (pretrained.load(name, data_dir=_DATA_DIR.value) for name in _PRETRAINED.value)
+        # The images the manifests' accuracies were measured on, unless told otherwise.
+        stated = [pretrained.manifest().get(name, {}).get("test_examples")
+                  for name in _PRETRAINED.value]
+        num_examples = num_examples or (max(stated) if all(stated) else None)
     else:
         workdirs = _WORKDIRS.value or ([_CONFIG.value.workdir] if _CONFIG.value else None)
         if not workdirs:
@@ -143,7 +154,7 @@ def main(argv):
         if any(detection.is_detection_workdir(w) for w in workdirs):
             results = [detection.evaluate_workdir(
                 w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value,
-                num_examples=_NUM_EXAMPLES.value, output_dir=_OUTPUT_DIR.value)
+                num_examples=num_examples, output_dir=_OUTPUT_DIR.value)
                 for w in workdirs]
             print("\n\n".join([r["table"] for r in results] + [summary_table(results)]))
             return
@@ -158,14 +169,14 @@ def main(argv):
         rows = [row for run in runs for row in robustness.evaluate_run(
             run, names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
             step_size=_STEP_SIZE.value, batch_size=_BATCH_SIZE.value or 500,
-            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value)]
+            num_examples=num_examples, seed=_SEED.value)]
         print(robustness.write_report(rows, names, output_dir))
     elif _STUDY.value == "eps-sweep":
         eps_values = _numbers(_EPS_VALUES, float)
         rows = [row for run in runs for row in studies.eps_sweep(
             run, bn_modes, eps_values,
             steps=_STEPS.value or 7, batch_size=_BATCH_SIZE.value or 500,
-            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value)]
+            num_examples=num_examples, seed=_SEED.value)]
         print(studies.write_sweep(rows, "eps", output_dir))
     elif _STUDY.value == "steps-sweep":
         steps_values = _numbers(_STEPS_VALUES, int)
@@ -173,7 +184,7 @@ def main(argv):
             run, bn_modes, steps_values,
             eps=_EPS.value or attacks.DEFAULT_EPS,
             step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
-            batch_size=_BATCH_SIZE.value or 500, num_examples=_NUM_EXAMPLES.value,
+            batch_size=_BATCH_SIZE.value or 500, num_examples=num_examples,
             seed=_SEED.value)]
         print(studies.write_sweep(rows, "steps", output_dir))
     elif _STUDY.value == "strict":
@@ -185,7 +196,7 @@ def main(argv):
             mate_sizes=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
             control_batch_size=_CONTROL_BATCH.value)
         results = [strict.strict_study(
-            run, bn_modes, num_examples=_NUM_EXAMPLES.value,
+            run, bn_modes, num_examples=num_examples,
             batch_size=_BATCH_SIZE.value or 500, eps=_EPS.value or attacks.DEFAULT_EPS,
             step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
             budgets=budgets, cache_dir=os.path.join(output_dir, "strict-parts"))
@@ -195,11 +206,12 @@ def main(argv):
         batch_sizes = _numbers(_BATCH_SIZES, int)
         attacked = _numbers(_ATTACKED, int) if _ATTACKED.value else None
         results = [studies.batch_study(
-            run, bn_modes, num_examples=_NUM_EXAMPLES.value,
+            run, bn_modes, num_examples=num_examples,
             batch_sizes=batch_sizes, batch_size=_BATCH_SIZE.value or 128,
             partitions=_PARTITIONS.value, attacked=attacked, max_passes=_PASSES.value,
             attack=attack, seed=_SEED.value) for run in runs]
         print(studies.write_batch_study(results, output_dir))
+    print(f"\nreport written to {os.path.abspath(output_dir)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +128,20 @@ def test_imported_model_scores_the_stated_jpeg_accuracy(name, cifar_folder):
         obtained = 100 * run.evaluator.accuracy(images, labels, batch_size=500, bn_mode=mode)
         se = 100 * np.sqrt(stated / 100 * (1 - stated / 100) / len(labels))
         assert abs(obtained - stated) <= sigmas * se, (mode, obtained, stated, se)
+
+
+def test_pretrained_reports_land_where_the_cli_says(cifar_folder, tmp_path):
+    """Without --output-dir a shipped model's report goes to awn-reports/NAME under the
+    current directory, and the CLI prints that path."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(repo / "evaluate.py"), "--pretrained", "cifar10_r20_cnn",
+         "--data-dir", cifar_folder, "--attack", "fgsm", "--bn-mode", "tracked",
+         "--num-examples", "20", "--batch-size", "20"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = tmp_path / "awn-reports" / "cifar10_r20_cnn"
+    assert (report / "robustness.json").exists() and (report / "robustness.md").exists()
+    assert f"report written to {report}" in result.stdout
+    assert json.loads((report / "robustness.json").read_text())[0]["num_examples"] == 20
