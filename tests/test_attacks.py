@@ -438,6 +438,17 @@ def test_dlr_loss_is_invariant_to_shifting_and_scaling_the_logits():
 
 # ------------------------------------------------------------------ Square
 
+@pytest.mark.parametrize("size, side", [(32, 5), (32, 31), (8, 8), (8, 1)])
+def test_square_corners_follow_the_reference_rule(size, side):
+    """As max-andr/square-attack, AutoAttack and torchattacks draw them: uniform over
+    0..size-side-1 (never the last fitting position size-side), 0 when side = size."""
+    corners = np.asarray(attacks.square_corners(jax.random.key(0), 20_000, size, side))
+    expected = np.arange(max(size - side, 1))
+    assert set(np.unique(corners)) == set(expected)
+    counts = np.bincount(corners.ravel(), minlength=len(expected))
+    assert counts.min() > 0.8 * counts.mean()  # uniform up to sampling noise
+
+
 def test_square_schedule_halves_the_window_area():
     # 10,000 queries: p = 0.8 until iteration 10, then halved at 50, 200, ...: on a 32x32
     # image sides round(sqrt(0.8 * 1024)) = 29, then 20, 14, 10, 7, 5, 4, 3, 2, 1.

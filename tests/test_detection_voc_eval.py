@@ -91,10 +91,13 @@ def test_detection_in_an_image_without_boxes_of_its_class_is_false_positive():
 
 
 def test_average_precision_definitions():
-    # Recall reaches exactly 0.3: the 11-point threshold 0.3 must count it.
-    recall = np.array([0.1, 0.2, 0.3])
+    # Recall reaches exactly 3/10: the devkit's ports loop over np.arange(0., 1.1, 0.1),
+    # whose fourth threshold is 0.30000000000000004, so 0.3 does not reach it: 3 of 11.
+    recall = np.array([1, 2, 3]) / 10
     precision = np.array([1.0, 1.0, 1.0])
-    assert voc_eval.average_precision(recall, precision, "11-point") == pytest.approx(4 / 11)
+    devkit = np.mean([precision[recall >= t].max(initial=0.0)
+                      for t in np.arange(0.0, 1.1, 0.1)])
+    assert voc_eval.average_precision(recall, precision, "11-point") == devkit == 3 / 11
     assert voc_eval.average_precision(recall, precision, "all-point") == pytest.approx(0.3)
     # A dip in precision is filled by the later maximum (the envelope).
     recall = np.array([0.25, 0.25, 0.5, 0.75])

@@ -10,8 +10,9 @@ if it overlaps another free box by 0.5. Recall counts only non-difficult boxes.
 
 AP from the precision/recall curve: ``11-point`` (VOC2007: mean over recall thresholds
 0, 0.1, ..., 1 of the best precision at recall >= t) or ``all-point`` (VOC2010 on: area
-under the curve made monotonically non-increasing). The thresholds are the exact decimals
-t/10. A class without non-difficult ground truth has no AP (NaN) and is left out of the
+under the curve made monotonically non-increasing). The 11 thresholds are
+``np.arange(0.0, 1.1, 0.1)`` as the devkit's Python ports compute them (``ELEVEN_POINTS``).
+A class without non-difficult ground truth has no AP (NaN) and is left out of the
 mean, as in MMDetection.
 
 Boxes are continuous ``(x1, y1, x2, y2)``: the devkit's 1-based inclusive ``(xmin, xmax)``
@@ -28,6 +29,11 @@ import numpy as np
 from awn_jax.errors import UserError
 
 AP_METRICS = ("11-point", "all-point")
+# The recall thresholds of the 11-point AP exactly as the VOC devkit's Python ports
+# (py-faster-rcnn's voc_eval, Detectron2, MMDetection) compute them: np.arange's floats,
+# 0.30000000000000004, 0.6000000000000001, 0.7000000000000001 among them, so a class whose
+# recall reaches exactly 0.3, 0.6 or 0.7 gets the AP those tools report (t / 10 differs).
+ELEVEN_POINTS = np.arange(0.0, 1.1, 0.1)
 
 
 def check_ap_metric(metric: str) -> str:
@@ -51,8 +57,8 @@ def average_precision(recall, precision, metric: str) -> float:
     check_ap_metric(metric)
     recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
     if metric == "11-point":
-        return float(np.mean([precision[recall >= t / 10].max(initial=0.0)
-                              for t in range(11)]))
+        return float(np.mean([precision[recall >= t].max(initial=0.0)
+                              for t in ELEVEN_POINTS]))
     recall = np.concatenate([[0.0], recall, [1.0]])
     precision = np.concatenate([[0.0], precision, [0.0]])
     precision = np.maximum.accumulate(precision[::-1])[::-1]

@@ -244,6 +244,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                 "epoch": run.epoch, "weights_sha256": run.weights_sha256,
                 "num_examples": len(images), "batch_size": batch_size,
                 "eps": eps, "step_size": step_size, "seed": seed,
+                "square_corners": attacks.SQUARE_CORNERS,
                 "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
                             "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}
     parts = len(CHECKS) - 1 + len(settings["budgets"]["mate_sizes"]) + 3  # worst: no part
