@@ -134,7 +134,7 @@ class Evaluator:
     def logits(self, images, labels, *, batch_size: int, bn_mode: str,
                attack: Attack | None = None, attack_args=(), attacked: int | None = None,
                score: str = "attacked", attack_bn_mode: str | None = None, key=None,
-               params=None, batch_stats=None) -> np.ndarray:
+               params=None, batch_stats=None, on_batches=None) -> np.ndarray:
         """Logits, shape ``(num_batches, k, num_classes)``: the batches are consecutive
         ``batch_size`` slices of ``images`` and ``k`` is ``attacked`` (the first ``k`` of
         each batch, the only ones attacked and scored) or the whole batch. The attack is
@@ -144,7 +144,8 @@ class Evaluator:
         ``score="mates"``: the first ``attacked`` images are still the attacker's, but the
         logits returned are those of the other ``batch_size - attacked`` (clean) images,
         and the attack gets ``logits_fn(x) ->`` those logits and their labels, ``x`` being
-        the attacker's images (starting clean)."""
+        the attacker's images (starting clean). ``on_batches(n)`` is called after every
+        compiled call with the number of batches it scored (progress bars)."""
         check_bn_modes([bn_mode] + ([attack_bn_mode] if attack_bn_mode else []))
         if score not in ("attacked", "mates"):
             raise UserError(f"score must be 'attacked' or 'mates', got {score!r}")
@@ -184,6 +185,8 @@ class Evaluator:
                     params, batch_stats,
                     np.asarray(images[rows]).reshape(size, batch_size, *images.shape[1:]),
                     np.asarray(labels[rows]).reshape(size, batch_size), keys, attack_args)))
+                if on_batches is not None:
+                    on_batches(size)
         logging.info("%d examples, batch %d, BN %s, attack %s, attacked %s, scored %s, "
                      "crafted under %s: %.1f s", len(images), batch_size, bn_mode, attack,
                      attacked, score, attack_bn_mode or bn_mode, time.perf_counter() - start)

@@ -70,7 +70,7 @@ def test_restart_skips_finished_runs_and_stages(finished):
     stages_dir = pathlib.Path(campaign.campaign_dir(runs_dir, DRY)) / "report" / "stages"
     before = {p.name: p.stat().st_mtime_ns for p in stages_dir.iterdir()}
     again = _reproduce(runs_dir, "--stages=train,table,sweeps,interpolation,distributions")
-    assert again.stdout.count("resumed from epoch 2 of 2") == 4  # nothing retrained
+    assert again.stdout.count("has finished its 2 epochs") == 4  # nothing retrained
     assert {p.name: p.stat().st_mtime_ns for p in stages_dir.iterdir()} == before
 
 

@@ -240,7 +240,7 @@ def test_evaluation_rejects_bad_settings(run, tiny_run):
     (["--attack", "pgdd"], "error: unknown attack 'pgdd'; known attacks: fgsm"),
     (["--bn-mode", "train"], "error: unknown evaluation BN mode 'train'"),
     (["--study", "noise"], "error: unknown study 'noise'"),
-    (["--workdir", "/nonexistent/run"], "error: /nonexistent/run holds no config.json"),
+    (["--workdir", "/nonexistent/run"], "error: no such workdir: /nonexistent/run"),
 ])
 def test_cli_reports_bad_input_in_one_line(args, message):
     result = subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO_ROOT,

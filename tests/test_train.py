@@ -197,6 +197,26 @@ def test_a_truncated_checkpoint_file_is_one_error_and_changes_nothing(kind, unin
     assert _snapshot(workdir) == before
 
 
+def test_a_run_says_what_it_does_and_where_things_are(uninterrupted, capsys, monkeypatch):
+    """A finished run writes its curves; rerunning it says so in one line without loading
+    data or compiling; a different config is still refused."""
+    assert os.path.exists(os.path.join(uninterrupted, "curves.png"))
+    monkeypatch.setattr(data, "get_dataset", lambda config: pytest.fail("loaded the data"))
+    metrics = train_and_evaluate(_config(), uninterrupted)
+    assert metrics == read_metrics(uninterrupted)[-1]
+    out = capsys.readouterr().out
+    assert "has finished its 2 epochs" in out and "test accuracy" in out
+    with pytest.raises(checkpointing.CheckpointError, match="layer_type"):
+        train_and_evaluate(_config(layer_type="adder"), uninterrupted)
+
+
+def test_start_banner_and_end_summary(tmp_path, capsys):
+    train_and_evaluate(_config(num_epochs=1), str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "training resnet20" in out and "steps of" in out and str(tmp_path / "run") in out
+    assert "1 epochs; test accuracy" in out and "curves.png" in out
+
+
 def test_a_missing_workdir_is_named_as_such(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no such workdir"):
         load_run(str(tmp_path / "nowhere"))

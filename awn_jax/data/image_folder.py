@@ -13,6 +13,7 @@ import os
 import pathlib
 
 import numpy as np
+import tqdm
 from absl import logging
 from PIL import Image
 
@@ -93,7 +94,9 @@ def _cached_split(split_dir, classes, image_size):
                  len(files), split_dir, cache)
     # Serial on purpose: for small files PIL's per-image Python overhead (under the GIL)
     # dominates, and a thread pool measured slower than this loop.
-    images = np.stack([_decode(entry.path, image_size) for entry, _ in files])
+    images = np.stack([_decode(entry.path, image_size) for entry, _ in tqdm.tqdm(
+        files, desc=f"decoding {split_dir.name}/ (once; cached)", unit="image", leave=False,
+        mininterval=1.0)])
     labels = np.array([label for _, label in files], np.int32)
     _save_atomically(cache, images=images, labels=labels)
     return images, labels

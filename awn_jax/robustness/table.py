@@ -38,10 +38,12 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                                        image_size=run.config.image_size,
                                        **architecture_options(run.config))
     accuracy = {mode: {} for mode in bn_modes}
-    with tqdm.tqdm(total=len(bn_modes) * (1 + len(attack_names)), disable=not show_progress,
-                   desc=run.name, unit="eval") as progress:
+    batches = sum(len(labels[rows]) // size for rows, size in parts if labels[rows].size)
+    with tqdm.tqdm(total=len(bn_modes) * (1 + len(attack_names)) * batches,
+                   disable=not show_progress, desc=run.name, unit="batch") as progress:
         for mode in bn_modes:
             for position, name in enumerate((None, *attack_names)):
+                progress.set_postfix_str(f"{mode}: {name or 'clean'}")
                 attack, args = configured.get(name, (None, ()))
                 key = jax.random.fold_in(jax.random.key(seed), position)
                 correct = 0
@@ -50,10 +52,9 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                         predictions = run.evaluator.predictions(
                             images[rows], labels[rows], batch_size=size, bn_mode=mode,
                             attack=attack, attack_args=args,
-                            key=jax.random.fold_in(key, part))
+                            key=jax.random.fold_in(key, part), on_batches=progress.update)
                         correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
                 accuracy[mode][name or "clean"] = correct / len(images)
-                progress.update()
     return [{"model": run.name, "workdir": run.workdir, "epoch": run.epoch,
              "bn_stats": run.bn_stats.label(), "bn_mode": mode,
              "num_examples": len(images), "mul": cost.mul, "add": cost.add,

@@ -32,7 +32,8 @@ from awn_jax.evaluation import Evaluator, check_bn_modes
 from awn_jax.model import apply_model, bn_drift, cross_entropy
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config
-from awn_jax.training.metrics import MetricsWriter
+from awn_jax.reports import save_figure
+from awn_jax.training.metrics import MetricsWriter, plot_curves, read_metrics, summary
 from awn_jax.training.state import TrainState, create_train_state
 
 
@@ -111,10 +112,15 @@ class Trainer:
                        "train_accuracy": float(np.mean(accuracies))}
 
     def evaluate(self, state) -> dict:
-        """Test loss and accuracy with BatchNorm in ``config.eval_bn_mode``."""
-        batches = self.dataset.test_batches(
+        """Test loss and accuracy with BatchNorm in ``config.eval_bn_mode`` (a second
+        progress bar counts the test batches, so the display moves while it runs)."""
+        total = min(self.config.num_test_examples or self.dataset.info.num_test,
+                    self.dataset.info.num_test)
+        batches = tqdm.tqdm(self.dataset.test_batches(
             self.config.eval_batch_size, num_examples=self.config.num_test_examples,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count()),
+            total=math.ceil(total / self.config.eval_batch_size), desc="test", unit="batch",
+            leave=False, position=1, disable=jax.process_index() != 0, dynamic_ncols=True)
         result = self.evaluator.loss_and_accuracy(batches, bn_mode=self.config.eval_bn_mode,
                                                   params=state.params,
                                                   batch_stats=state.batch_stats)
@@ -135,10 +141,39 @@ def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> d
     last epoch's metrics. ``deadline`` (a ``time.time()``): stop after the first epoch
     that ends past it, checkpoint written, so a machine lent for a fixed time loses none."""
     check_config(config)
+    finished = _finished(config, workdir)
+    if finished is not None:
+        return finished
     dataset = data.get_dataset(config)
     trainer = Trainer(config, dataset, make_mesh(config.num_devices))  # checks the rest
+    info = dataset.info
+    _say(f"training {config.model} ({config.layer_type}) on {info.name}: {info.num_train} "
+         f"training images, {trainer.steps_per_epoch} steps of {config.batch_size} per epoch, "
+         f"{config.num_epochs} epochs, on {trainer.mesh.devices.size} "
+         f"{jax.devices()[0].platform.upper()} device(s); workdir {os.path.abspath(workdir)}")
     return run_epochs(config, workdir, dataset.info, trainer,
                       lambda state, epoch: trainer.evaluate(state), deadline)
+
+
+def _say(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+def _finished(config, workdir: str) -> dict | None:
+    """The last metrics of a workdir that already holds ``config.num_epochs`` epochs of this
+    config (said in one line, nothing loaded or compiled), else None."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    checkpointing.check_config(config, workdir)
+    saved = checkpointing.saved_epochs(workdir)
+    metrics = read_metrics(workdir)
+    if not saved or saved[-1] < config.num_epochs or len(metrics) < config.num_epochs:
+        return None
+    _say(f"{os.path.abspath(workdir)} has finished its {config.num_epochs} epochs: "
+         f"{summary(metrics[:config.num_epochs])}; nothing to do (a larger "
+         "--config.num_epochs goes on)")
+    return metrics[config.num_epochs - 1]
 
 
 def run_epochs(config, workdir: str, dataset_info, trainer, evaluate_epoch,
@@ -198,4 +233,16 @@ def run_epochs(config, workdir: str, dataset_info, trainer, evaluate_epoch,
         manager.wait_until_finished()
         manager.close()
         writer.close()
+        _end_of_run(workdir)
     return metrics
+
+
+def _end_of_run(workdir: str) -> None:
+    """The run's curves as ``curves.png`` and a summary line saying where things are."""
+    metrics = read_metrics(workdir)
+    if jax.process_index() != 0 or not metrics:
+        return
+    save_figure(plot_curves(metrics), workdir, "curves")
+    _say(f"{summary(metrics)}. In {os.path.abspath(workdir)}: checkpoints/ (one per epoch), "
+         "metrics.jsonl, curves.png, tensorboard/ (`tensorboard --logdir` it, "
+         "pip install -e '.[tensorboard]')")

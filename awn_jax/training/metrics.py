@@ -48,3 +48,40 @@ class MetricsWriter:
     def close(self) -> None:
         if self._active:
             self._tensorboard.close()
+
+
+def plot_curves(metrics: list[dict]):
+    """Loss (train dashed, test solid) and accuracy per epoch of one run: the figure every
+    run writes when it stops (``curves.png``)."""
+    from awn_jax.reports import new_figure
+
+    fig, (ax_loss, ax_acc) = new_figure(1, 2, figsize=(10, 3.6))
+    epochs = [m["epoch"] for m in metrics]
+    for key, ax, style in (("train_loss", ax_loss, "--"), ("test_loss", ax_loss, "-"),
+                           ("train_accuracy", ax_acc, "--"), ("test_accuracy", ax_acc, "-")):
+        values = [m.get(key) for m in metrics]
+        if all(v is not None for v in values):
+            ax.plot(epochs, [100 * v if "accuracy" in key else v for v in values], style,
+                    marker="o", ms=3, label=key.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def summary(metrics: list[dict]) -> str:
+    """One line of a run's metrics: last and best test accuracy, total training time."""
+    if not metrics:
+        return "no epoch finished yet"
+    last = metrics[-1]
+    tested = [m for m in metrics if "test_accuracy" in m]
+    text = f"{last['epoch']} epochs"
+    if tested:
+        best = max(tested, key=lambda m: m["test_accuracy"])
+        text += (f"; test accuracy {100 * tested[-1]['test_accuracy']:.2f}% at the last epoch, "
+                 f"best {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']})")
+    seconds = sum(m.get("epoch_seconds", 0.0) for m in metrics)
+    return text + f"; {seconds / 60:.1f} min of training"
