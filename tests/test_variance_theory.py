@@ -128,3 +128,23 @@ def test_run_all_is_json_serializable_and_formats():
     assert json.loads(text)["adder_bounds"][1]["tau_mu"] == pytest.approx(0.0, abs=1e-12)
     table = vt.format_markdown(results)
     assert "Eq. 4-5" in table and "Eq. 7-8" in table and "Eq. 13-15" in table and "NO" in table
+
+
+def test_folded_variance_and_elasticity_closed_forms():
+    """Var|z| = 1 - 2/pi; far from the kink a term is linear (Var 1, elasticity 1); in
+    between it damps (elasticity < 1), e.g. 0.68 at c = 1 (checked by sampling)."""
+    assert vt.folded_variance(0.0) == pytest.approx(1 - 2 / np.pi)
+    assert vt.folded_variance(8.0) == pytest.approx(1.0, abs=1e-9)
+    assert vt.folded_elasticity(0.0) == 1.0 and vt.folded_elasticity(8.0) == pytest.approx(1.0)
+    assert all(vt.folded_elasticity(c) < 1 for c in (0.25, 0.5, 1.0, 2.0, 3.0))
+    z = np.random.default_rng(0).normal(size=2_000_000)
+    a = 0.95
+    sampled = np.log(np.var(np.abs(a * z - 1.0)) / np.var(np.abs(z - 1.0))) / np.log(a * a)
+    assert vt.folded_elasticity(1.0) == pytest.approx(sampled, abs=0.02)
+
+
+def test_adder_elasticity_of_independent_far_kernels_is_one():
+    """Independent inputs, kernels far from them: every term linear, elasticity 1."""
+    kernels = np.full((36, 4), -50.0)
+    assert vt.adder_elasticity_mc(kernels, rho=0.0, shift=0.0, samples=4000) == pytest.approx(
+        1.0, abs=0.02)

@@ -61,6 +61,9 @@ def load(config):
 def is_prepared(name: str, data_dir: str | None = None) -> bool:
     """Whether TFDS has ``name`` prepared in ``data_dir`` (its default when None): reading it
     then needs no network."""
+    base = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    if not os.path.isdir(os.path.join(os.path.expanduser(base), name)):
+        return False  # without asking TFDS, which warns about (and may create) the folder
     import tensorflow_datasets as tfds
 
     return tfds.builder(name, data_dir=data_dir, file_format="array_record").is_prepared()

@@ -463,3 +463,46 @@ def format_markdown(results: dict) -> str:
 
 if __name__ == "__main__":
     print(format_markdown(run_all()))
+
+
+# ---------------------------------------------------------------------------------------
+# How an adder term passes on a change of its input's spread (docs/REPRODUCTION.md,
+# "Why -R collapses": the kernel-scale hypothesis)
+# ---------------------------------------------------------------------------------------
+
+def folded_variance(c: float) -> float:
+    """``Var|z - c|`` for ``z ~ N(0, 1)``: ``1 + c^2 - (E|z - c|)^2`` with
+    ``E|z - c| = c (2 Phi(c) - 1) + 2 phi(c)``."""
+    mean = c * (2.0 * ndtr(c) - 1.0) + 2.0 * math.exp(-0.5 * c * c) / SQRT_2PI
+    return 1.0 + c * c - mean * mean
+
+
+def folded_elasticity(c: float, step: float = 1e-5) -> float:
+    """``d ln Var|a z - w| / d ln a^2`` at ``a = 1`` for ``c = w / sd``: how the variance of
+    one adder term follows its input's spread scaled by ``a`` (1: as a linear term). Since
+    ``Var|a z - w| = a^2 h(w / a)`` with ``h`` :func:`folded_variance`, it is
+    ``1 - (c/2) d ln h / d ln c``: below 1 for every ``c != 0`` (the term damps a change)."""
+    if c == 0.0:
+        return 1.0
+    dh = (math.log(folded_variance(c * (1 + step))) - math.log(folded_variance(c * (1 - step))))
+    return 1.0 - 0.5 * dh / (2.0 * step)
+
+
+def adder_elasticity_mc(kernels, *, rho: float, shift: float, scale: float = 0.9,
+                        samples: int = 20_000, seed: int = 0) -> float:
+    """Monte Carlo elasticity of ``y' = -sum_j |x_j - w_j|`` (one output per column of
+    ``kernels``, shape ``(n, filters)``) when ``x = max(0, shift + a z)`` has its spread
+    ``a`` scaled by ``scale``; the ``z_j`` of one output share a component (correlation
+    ``rho``), as the taps of a patch do. Mean over the filters of ``ln(Var ratio) / ln
+    scale^2``."""
+    kernels = np.asarray(kernels, np.float64)
+    rng = np.random.default_rng(seed)
+    n = kernels.shape[0]
+    z = rho * rng.normal(size=(samples, 1)) + math.sqrt(1 - rho ** 2) * rng.normal(
+        size=(samples, n))
+
+    def variance(a):
+        x = np.maximum(shift + a * z, 0.0)
+        return np.abs(x[:, :, None] - kernels[None]).sum(1).var(0)
+
+    return float(np.mean(np.log(variance(scale) / variance(1.0)) / math.log(scale ** 2)))
