@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from awn_jax import paths
-from awn_jax.distributed import make_mesh
+from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import UserError
 from awn_jax.model import fill_named, named_leaves, with_bn_mode
 from awn_jax.nn.batchnorm import BatchNorm, intercept
@@ -170,13 +170,8 @@ def _moments_fn(graphdef, name: str, mesh, split: bool):
 
     replicated = NamedSharding(mesh, PartitionSpec())
     images = NamedSharding(mesh, PartitionSpec("data")) if split else replicated
-    compiled = jax.jit(moments, in_shardings=(replicated, replicated, images),
-                       out_shardings=replicated)
-
-    def run(*args):
-        with jax.set_mesh(mesh):  # the adder kernels run per batch shard, as in training
-            return compiled(*args)
-    return run
+    return under_mesh(jax.jit(moments, in_shardings=(replicated, replicated, images),
+                              out_shardings=replicated), mesh)
 
 
 class _Accumulator:

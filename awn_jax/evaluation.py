@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from awn_jax.distributed import make_mesh
+from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import UserError
 from awn_jax.model import apply_model, with_bn_mode
 from awn_jax.nn.batchnorm import BN_MODES
@@ -80,13 +80,6 @@ class Evaluator:
     def _sharding(self, spec):
         return NamedSharding(self.mesh, spec)
 
-    def _under_mesh(self, fn):
-        @functools.wraps(fn)
-        def run(*args):
-            with jax.set_mesh(self.mesh):
-                return fn(*args)
-        return run
-
     # ------------------------------------------------------------------ loss and accuracy
 
     def loss_and_accuracy(self, batches: Iterable[dict], *, bn_mode: str, params=None,
@@ -125,8 +118,8 @@ class Evaluator:
                 losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
                 return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == labels)
 
-            self._compiled[key] = self._under_mesh(jax.jit(
-                sums, out_shardings=self._sharding(PartitionSpec())))
+            self._compiled[key] = under_mesh(jax.jit(
+                sums, out_shardings=self._sharding(PartitionSpec())), self.mesh)
         return self._compiled[key]
 
     # ------------------------------------------------------------------ per-example logits
@@ -245,9 +238,9 @@ class Evaluator:
 
             examples = self._sharding(PartitionSpec(None, "data"))
             replicated = self._sharding(PartitionSpec())
-            fn = self._under_mesh(jax.jit(
+            fn = under_mesh(jax.jit(
                 single, in_shardings=(replicated, replicated, examples, examples, replicated,
-                                      replicated)))
+                                      replicated)), self.mesh)
         else:
             fn = jax.jit(chunk)
         self._compiled[key] = fn

@@ -99,8 +99,12 @@ def _tolerance(reference, state_dict, images, mode):
 
 
 def _check(state_dict, images, mode, ours):
-    """``ours`` (float32) against the float64 PyTorch forward; returns the tolerance."""
+    """``ours`` (float32) against the float64 PyTorch forward; returns the tolerance (PyTorch's
+    own float32 forward, the slow part, only run when 1e-3 of the logits is not enough)."""
     reference = torch_logits(state_dict, images, mode)
+    scale = np.max(np.abs(reference))
+    if np.max(np.abs(ours - reference)) <= 1e-3 * scale:
+        return 1e-3 * scale
     tolerance = _tolerance(reference, state_dict, images, mode)
     np.testing.assert_allclose(ours, reference, rtol=0, atol=tolerance, err_msg=mode)
     return tolerance
@@ -130,7 +134,7 @@ def _random_state_dict(family, architecture, seed=0):
             for k, v in convert.to_state_dict(params, stats, family).items()}
 
 
-def _images(n=12, seed=3):
+def _images(n=8, seed=3):
     return np.random.default_rng(seed).random((n, 32, 32, 3), dtype=np.float32)
 
 
@@ -159,7 +163,7 @@ def test_reference_checkpoints_match_a_float64_torch_forward(name):
         pytest.skip(f"{REFERENCE / name} is not here (../shared/data/pretrained-reference)")
     sd = convert.read_state_dict(str(REFERENCE / name))
     sd.pop("num_batches_tracked", None)
-    images = _images(16)
+    images = _images()
     without_counts = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     for mode in MODES:
         _check(without_counts, images, mode, _project_logits(sd, images, mode))

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from awn_jax import data as classification_data
 from awn_jax.detection import data, evaluation
 from awn_jax.detection.detector import build_detector
-from awn_jax.distributed import make_mesh
+from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.model import split_model, with_bn_mode
 from awn_jax.nn.batchnorm import check_bn_mode
@@ -132,21 +132,14 @@ class DetectionTrainer:
             optimizer_config(config, self.steps_per_epoch), self.steps_per_epoch)
         eval_graphdef = with_bn_mode(self.graphdef, state.params, state.batch_stats,
                                      check_bn_mode(config.eval_bn_mode))
-        self.train_step = self._under_mesh(jax.jit(
+        self.train_step = under_mesh(jax.jit(
             functools.partial(train_step, self.graphdef, tx, config.seed),
             in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0))
-        self.detect_step = self._under_mesh(jax.jit(
+            out_shardings=(self.replicated, self.replicated), donate_argnums=0), self.mesh)
+        self.detect_step = under_mesh(jax.jit(
             functools.partial(detect_step, eval_graphdef),
             in_shardings=(self.replicated, self.replicated, self.sharded),
-            out_shardings=self.replicated))
-
-    def _under_mesh(self, step):
-        @functools.wraps(step)
-        def run(*args):
-            with jax.set_mesh(self.mesh):
-                return step(*args)
-        return run
+            out_shardings=self.replicated), self.mesh)
 
     def global_batch(self, local_batch):
         return {k: jax.make_array_from_process_local_data(self.sharded, v)

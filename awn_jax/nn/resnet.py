@@ -7,12 +7,13 @@ Bottleneck on its 3x3 layer. In both, the stem and the classifier are ordinary
 (multiplying) convolutions; every layer inside the blocks, the 1x1 projection shortcuts
 included, has the model's ``layer_type``. Multiplying kernels start as the official
 models' do: PyTorch's default uniform init in the CIFAR ResNets (``resnet20.py`` sets
-none), Kaiming-normal (fan_out) in the ImageNet ones (``resnet50.py``). The head is a global average pool, a 1x1
-convolution without bias and a BatchNorm, as in the official code (``head="conv-bn"``); the
-public CIFAR ResNet CNNs this project imports use a linear layer with bias and the
-parameter-free "option A" shortcut instead (``head="linear"``, ``shortcut="option-a"``). Two documented
-differences from it, neither changing the function: the official ImageNet classifier
-has a bias, which the BatchNorm after it cancels, so it is left out; its fixed-size
+none), Kaiming-normal (fan_out) in the ImageNet ones (``resnet50.py``). The head is a
+global average pool, a 1x1 convolution without bias and a BatchNorm, as in the official code
+(``head="conv-bn"``); the public CIFAR ResNet CNNs this project imports use a linear layer
+with bias and the parameter-free "option A" shortcut instead (``head="linear"``,
+``shortcut="option-a"``). Two documented differences from it, neither changing the
+function: the official ImageNet classifier has a bias, which the BatchNorm after it
+cancels, so it is left out (the converter folds it into the running mean); its fixed-size
 average pools (8 on CIFAR) are written as a global mean, so small test inputs work.
 
 The model takes images in [0, 1] (NHWC) and normalizes them itself, so attacks work in

@@ -12,8 +12,8 @@ windows only; the dispatcher sends other kernels to the XLA implementation.
 
 The C++ source is compiled on first use with the system compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; ``-O3 -march=native``) into a cache directory
-(``$AWN_JAX_NATIVE_CACHE``, default ``native/`` in :func:`awn_jax.paths.cache_dir`), keyed by a hash of the
-source, flags, compiler, JAX version and CPU, so a build is reused across processes and
+(``$AWN_JAX_NATIVE_CACHE``, default ``native/`` in :func:`awn_jax.paths.cache_dir`), keyed
+by a hash of the source, flags, compiler, JAX version and CPU, so a build is reused across processes and
 never shared between machines that would need different code. Without a compiler, or if
 the build fails, :func:`is_available` is False (the reason is logged once) and callers use
 the pure-XLA path. ``AWN_JAX_NATIVE=0`` turns the native path off.

@@ -27,8 +27,8 @@ spread of accuracy and per-example predictions over random re-partitions of the 
 examples into batches.
 
 All evaluations run through the run's :class:`awn_jax.evaluation.Evaluator` (every group
-of examples with its own batch statistics, spread over the devices). Every study uses the same first ``N`` examples of the fixed test order,
-with ``N`` a multiple of the largest batch size of the study.
+of examples with its own batch statistics, spread over the devices). Every study uses the
+same first ``N`` examples of the fixed test order, with ``N`` a multiple of the largest batch size of the study.
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def format_markdown(results) -> str:
         awn = all(rec["awn"] for rec in r["records"])
         lines += [f"### {r['model']} (`{r['workdir']}`)", "",
                   "| epoch | tracked | running-mean | running | tracked, re-est. "
-                  "| running-mean, re-est. |" + (" max abs(nu-1) | max abs(upsilon) |" if awn else ""),
+                  "| running-mean, re-est. |"
+                  + (" max abs(nu-1) | max abs(upsilon) |" if awn else ""),
                   "|" + "---|" * (6 + 2 * awn)]
         for rec in r["records"]:
             cells = [rec["trained"][m] for m in EVAL_BN_MODES] + [

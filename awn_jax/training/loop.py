@@ -6,8 +6,8 @@ statistics and the adder layers' adaptive gradient norm are global over the batc
 one device. Steps are traced with the mesh set (``jax.set_mesh``), so the adder kernels,
 custom calls XLA cannot split, run per batch shard. The per-epoch test goes through
 ``awn_jax.evaluation.Evaluator`` like every other evaluation. A checkpoint is written after
-every epoch and a run restarts from the latest one in ``workdir``; data order and augmentation depend only on (seed, epoch), so a resumed
-run repeats an uninterrupted one.
+every epoch and a run restarts from the latest one in ``workdir``; data order and
+augmentation depend only on (seed, epoch), so a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from awn_jax import data
-from awn_jax.distributed import make_mesh
+from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.evaluation import Evaluator, check_bn_modes
 from awn_jax.model import apply_model, bn_drift, cross_entropy
@@ -71,20 +71,10 @@ class Trainer:
         self.initial_state = jax.device_put(state, self.replicated)
         self.schedule = optimizer.learning_rate_schedule(config, self.steps_per_epoch)
         self.evaluator = Evaluator(self.graphdef, state.params, state.batch_stats, mesh=mesh)
-        self.train_step = self._under_mesh(jax.jit(
+        self.train_step = under_mesh(jax.jit(
             functools.partial(train_step, self.graphdef, tx),
             in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0))
-
-    def _under_mesh(self, step):
-        """``step`` traced and run with the mesh set (``jax.set_mesh``): the adder layers'
-        kernels then run on each device's shard of the batch
-        (``ops.adder_vjp.per_batch_shard``)."""
-        @functools.wraps(step)
-        def run(*args):
-            with jax.set_mesh(self.mesh):
-                return step(*args)
-        return run
+            out_shardings=(self.replicated, self.replicated), donate_argnums=0), self.mesh)
 
     def global_batch(self, local_batch, sharding):
         return {k: jax.make_array_from_process_local_data(sharding, v)
