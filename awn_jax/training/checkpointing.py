@@ -59,7 +59,8 @@ def check_config(config, workdir: str) -> None:
     if not os.path.exists(_config_path(workdir)):
         return
     current = json.loads(config.to_json_best_effort())
-    saved = {**ADDED_KEYS, **load_config_dict(workdir)}
+    added = {k: v for k, v in ADDED_KEYS.items() if k in current}  # configs that have them
+    saved = {**added, **load_config_dict(workdir)}
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if changed:
