@@ -217,6 +217,23 @@ def test_start_banner_and_end_summary(tmp_path, capsys):
     assert "1 epochs; test accuracy" in out and "curves.png" in out
 
 
+def test_a_workdir_saved_before_the_architecture_keys_still_resumes(uninterrupted, tmp_path):
+    """Runs saved before ``shortcut`` and ``head`` existed had the projection shortcut and
+    the conv + BN head: the same config, not another one."""
+    import json
+
+    workdir = str(tmp_path / "old")
+    shutil.copytree(uninterrupted, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in saved.items() if k not in ("shortcut", "head")}, f)
+    checkpointing.check_config(_config(), workdir)
+    with pytest.raises(checkpointing.CheckpointError, match="head"):
+        checkpointing.check_config(_config(head="linear"), workdir)
+
+
 def test_a_missing_workdir_is_named_as_such(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no such workdir"):
         load_run(str(tmp_path / "nowhere"))
