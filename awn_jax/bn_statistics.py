@@ -133,7 +133,7 @@ def bn_paths(model) -> dict[int, str]:
     """``id(module) -> name`` of every BatchNorm in ``model``: what an interceptor
     (:func:`awn_jax.nn.batchnorm.intercept`) identifies the layer it is called with by."""
     return {id(module): ".".join(str(part) for part in path)
-            for path, module in nnx.iter_modules(model) if isinstance(module, BatchNorm)}
+            for path, module in nnx.iter_graph(model) if isinstance(module, BatchNorm)}
 
 
 class _Reached(Exception):

@@ -33,7 +33,7 @@ from awn_jax.training.runs import load_run  # noqa: E402
 def accuracy(run, images, labels, modes: dict, default: str) -> float:
     """Accuracy with BN layer ``name`` in ``modes[name]`` and every other in ``default``."""
     model = nnx.merge(run.graphdef, run.params, run.batch_stats)
-    for path, module in nnx.iter_modules(model):
+    for path, module in nnx.iter_graph(model):
         if isinstance(module, BatchNorm):
             module.mode = modes.get(".".join(map(str, path)), default)
     return float(np.mean(np.argmax(np.asarray(model(images)), -1) == labels))

@@ -185,7 +185,7 @@ xs = jnp.linspace(-2.0, 3.0, 201)
 def one_weight_grads(layer_type, x_values):
     """d(output)/dx and d(output)/dw of a 1x1 one-channel layer with kernel W, per x."""
     layer = Conv2d(1, 1, 1, padding=0, layer_type=layer_type, eta=None, rngs=nnx.Rngs(0))
-    layer.kernel.set_value(jnp.full((1, 1, 1, 1), W))
+    layer.kernel[...] = jnp.full((1, 1, 1, 1), W)
     graphdef, layer_params = nnx.split(layer)
 
     def output(layer_params, x):

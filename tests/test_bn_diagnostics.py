@@ -40,9 +40,9 @@ class Path(nnx.Module):
 def _run(layer_type="conv", shift=True):
     graphdef, params, batch_stats = split_model(Path(nnx.Rngs(0), layer_type))
     rng = np.random.default_rng(0)
-    batch_stats["bn1"]["mean"].set_value(rng.normal(0, 0.3, 4).astype(np.float32))
-    batch_stats["bn1"]["var"].set_value(rng.uniform(0.05, 0.2, 4).astype(np.float32))
-    params["bn1"]["bias"].set_value(rng.normal(0, 1, 4).astype(np.float32) * shift)
+    batch_stats["bn1"]["mean"][...] = rng.normal(0, 0.3, 4).astype(np.float32)
+    batch_stats["bn1"]["var"][...] = rng.uniform(0.05, 0.2, 4).astype(np.float32)
+    params["bn1"]["bias"][...] = rng.normal(0, 1, 4).astype(np.float32) * shift
     config = ml_collections.ConfigDict({"layer_type": "conv"})
     return Run("toy", config, None, 0, graphdef, params, batch_stats)
 

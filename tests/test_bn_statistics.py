@@ -50,10 +50,10 @@ def _toy():
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda p: np.asarray(p), params)
     for name in ("bn1", "bn2", "bn3"):
-        params[name]["scale"].set_value(rng.uniform(0.5, 2.0, params[name]["scale"].shape))
-        params[name]["bias"].set_value(rng.normal(0, 0.5, params[name]["bias"].shape))
-        batch_stats[name]["mean"].set_value(rng.normal(-30, 5, batch_stats[name]["mean"].shape))
-        batch_stats[name]["var"].set_value(rng.uniform(10, 50, batch_stats[name]["var"].shape))
+        params[name]["scale"][...] = rng.uniform(0.5, 2.0, params[name]["scale"].shape)
+        params[name]["bias"][...] = rng.normal(0, 0.5, params[name]["bias"].shape)
+        batch_stats[name]["mean"][...] = rng.normal(-30, 5, batch_stats[name]["mean"].shape)
+        batch_stats[name]["var"][...] = rng.uniform(10, 50, batch_stats[name]["var"].shape)
     params = jax.tree.map(lambda p: np.asarray(p, np.float32), params)
     batch_stats = jax.tree.map(lambda p: np.asarray(p, np.float32), batch_stats)
     return graphdef, params, batch_stats

@@ -102,7 +102,7 @@ def test_imagenet_counts(name, cnn_mul, ann_mul, ann_add):
 
 
 def _bn_modes(model):
-    return [m.mode for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+    return [m.mode for _, m in nnx.iter_graph(model) if isinstance(m, BatchNorm)]
 
 
 def test_count_model_leaves_the_model_untouched():

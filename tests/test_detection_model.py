@@ -37,8 +37,8 @@ def test_backbone_and_neck_shapes_and_layer_types(layer_type):
                                            (2, 2, 2, 512)]
     pyramid = model.neck(features)
     assert [p.shape for p in pyramid] == [(2, s, s, 16) for s in (16, 8, 4, 2, 1)]
-    neck_types = {m.layer_type for _, m in nnx.iter_modules(model.neck) if isinstance(m, Conv2d)}
-    backbone_types = [m.layer_type for _, m in nnx.iter_modules(model.backbone)
+    neck_types = {m.layer_type for _, m in nnx.iter_graph(model.neck) if isinstance(m, Conv2d)}
+    backbone_types = [m.layer_type for _, m in nnx.iter_graph(model.backbone)
                       if isinstance(m, Conv2d)]
     assert neck_types == {layer_type}
     # The stem stays multiplying; all 19 layers inside the blocks have the model's type.

@@ -36,8 +36,8 @@ def workdir(tmp_path_factory):
     manager = checkpointing.make_manager(workdir)
     checkpointing.save(manager, 1, state)
     conv = state.params["stages"][0][0]["conv1"]
-    conv["nu"].set_value(conv["nu"][...].at[3].set(1.25))
-    conv["upsilon"].set_value(conv["upsilon"][...].at[0].set(-0.5))
+    conv["nu"][...] = conv["nu"][...].at[3].set(1.25)
+    conv["upsilon"][...] = conv["upsilon"][...].at[0].set(-0.5)
     checkpointing.save(manager, 2, state)
     manager.wait_until_finished()
     manager.close()

@@ -38,7 +38,7 @@ def test_measured_moments_match_the_exact_ones_under_the_papers_assumptions():
     graphdef, params, stats = split_model(Toy(nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     kernel = rng.laplace(mu, b, params["stages"][0]["conv1"]["kernel"].shape)
-    params["stages"][0]["conv1"]["kernel"].set_value(kernel.astype(np.float32))
+    params["stages"][0]["conv1"]["kernel"][...] = kernel.astype(np.float32)
     run = Run("toy", ml_collections.ConfigDict({"layer_type": "adder"}), None, 1, graphdef,
               params, stats)
     # Padding would add zeros to the input; 12x12 images, outputs away from the border

@@ -233,7 +233,7 @@ def test_batchnorm_rejects_unknown_mode_and_single_value_training():
 
 def test_set_bn_mode_switches_every_batchnorm():
     model = _build_abstract_model("resnet20", "adder")
-    batchnorms = [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+    batchnorms = [m for _, m in nnx.iter_graph(model) if isinstance(m, BatchNorm)]
     assert len(batchnorms) == 1 + 18 + 2 + 1  # stem, 9 blocks x 2, 2 shortcuts, classifier
     for mode in BN_MODES:
         set_bn_mode(model, mode)
@@ -294,7 +294,7 @@ def test_imagenet_parameter_counts(name, expected):
 def test_stem_and_classifier_multiply_every_other_layer_has_the_layer_type(
         name, num_adder_layers):
     model = _abstract_model(name, "adder-awn")
-    layers = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, Conv2d)}
+    layers = {path: m for path, m in nnx.iter_graph(model) if isinstance(m, Conv2d)}
     assert layers.pop(("stem_conv",)).layer_type == "conv"
     assert layers.pop(("classifier",)).layer_type == "conv"
     assert {m.layer_type for m in layers.values()} == {"adder-awn"}
@@ -307,7 +307,7 @@ def test_multiplying_kernels_start_as_in_the_official_models(name):
     Kaiming-normal, fan_out (resnet50.py)."""
     model = create_model(name, num_classes=10, layer_type="conv", mean=MEAN, std=STD,
                          rngs=nnx.Rngs(0))
-    for path, layer in nnx.iter_modules(model):
+    for path, layer in nnx.iter_graph(model):
         if not isinstance(layer, Conv2d):
             continue
         kernel = np.asarray(layer.kernel[...])

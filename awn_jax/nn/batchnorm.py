@@ -81,9 +81,18 @@ class BatchNorm(nnx.Module):
                              "(the unbiased variance is undefined)")
         unbiased_var = biased_var * (count / (count - 1))
         m = self.momentum
-        # set_value, not `[...] =`: the indexed form compares shardings, slow on tracers
-        self.mean.set_value((1 - m) * self.mean[...] + m * mean)
-        self.var.set_value((1 - m) * self.var[...] + m * unbiased_var)
+        _assign(self.mean, (1 - m) * self.mean[...] + m * mean)
+        _assign(self.var, (1 - m) * self.var[...] + m * unbiased_var)
+
+
+def _assign(variable, value) -> None:
+    """``variable.set_value(value)`` where Flax has it (0.12.1 on; the indexed form compares
+    shardings, slow on tracers), else ``variable[...] = value``: Flax 0.12.0 is the newest
+    that runs with JAX 0.7, Colab's preinstalled JAX."""
+    if hasattr(type(variable), "set_value"):
+        variable.set_value(value)
+    else:
+        variable[...] = value
 
 
 _INTERCEPTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
@@ -108,6 +117,6 @@ def intercept(fn: Callable):
 def set_bn_mode(model: nnx.Module, mode: str) -> None:
     """Switch every :class:`BatchNorm` inside ``model`` to ``mode``, in place."""
     check_bn_mode(mode)
-    for _, module in nnx.iter_modules(model):
+    for _, module in nnx.iter_graph(model):
         if isinstance(module, BatchNorm):
             module.mode = mode

@@ -100,7 +100,7 @@ def count_model(model: nnx.Module, image_size: int | tuple[int, int] = 32) -> Mo
     def forward(state, images):
         clone = nnx.merge(graphdef, state)  # the caller's model keeps its BN modes and stats
         set_bn_mode(clone, "tracked")
-        paths.update({id(module): path for path, module in nnx.iter_modules(clone)})
+        paths.update({id(module): path for path, module in nnx.iter_graph(clone)})
         with record_calls(lambda layer, x, y: calls.append((layer, y.shape))):
             return clone(images)
 

@@ -121,8 +121,7 @@ class Conv2d(nnx.Module):
 def record_calls(callback: Callable):
     """Inside this context every :class:`Conv2d` call also calls ``callback(layer, x, y)``
     (its input and output), in call order: for counting operations, or reading what each
-    layer meets while a function is traced. Wraps ``Conv2d.__call__`` for the duration
-    (what ``nnx.capture`` does for whole classes, but keeping the order and the input);
+    layer meets while a function is traced. Wraps ``Conv2d.__call__`` for the duration;
     not thread-safe."""
     original_call = Conv2d.__call__
 

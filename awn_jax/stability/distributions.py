@@ -3,9 +3,9 @@
 * Weights (Fig. 1c-d): the kernels of the layers inside the residual stages, as stored and
   as computed with (after WS/AWN), with maximum-likelihood Laplace and Gaussian fits.
 * Features before BN (Fig. 3): the outputs of every layer inside the stages on the same
-  test images at each epoch, captured with ``nnx.capture(..., method_outputs=...)`` (every
-  such layer feeds a BatchNorm), so the model code needs no hooks; mean/std per layer and
-  histograms of the chosen layers.
+  test images at each epoch, read while the forward is traced
+  (:func:`awn_jax.nn.layers.record_calls`; every such layer feeds a BatchNorm); mean/std per
+  layer and histograms of the chosen layers.
 * BN running statistics: the cross-channel spread of the running variances and how far
   the running means move between saved epochs, relative to their size and in units of
   the running standard deviation (the shift a test image sees after normalization).
@@ -24,6 +24,7 @@ from flax import nnx
 from awn_jax.errors import UserError
 from awn_jax.model import bn_drift, named_leaves, with_bn_mode
 from awn_jax.nn import Conv2d
+from awn_jax.nn.layers import record_calls
 from awn_jax.reports import new_figure
 from awn_jax.stability.common import run_label, unique_labels
 
@@ -71,7 +72,7 @@ def _histogram(values, bins, value_range=None) -> dict:
 
 def block_layers(model) -> list[tuple[str, Conv2d]]:
     """``(name, layer)`` of the layers inside the residual stages, in model order."""
-    return [(".".join(map(str, path)), module) for path, module in nnx.iter_modules(model)
+    return [(".".join(map(str, path)), module) for path, module in nnx.iter_graph(model)
             if isinstance(module, Conv2d) and path and path[0] == "stages"]
 
 
@@ -103,9 +104,15 @@ def weight_summary(run, bins: int = 100) -> dict:
 def _pre_bn_features(graphdef, names, keep, params, batch_stats, images):
     """Statistics of every named layer's output, and the whole output of those in keep."""
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    _, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
-    outputs = {name[: -len(".__call__.0")]: x for name, x in named_leaves(captured).items()
-               if name.endswith(".__call__.0")}
+    wanted = {id(layer): name for name, layer in block_layers(model) if name in names}
+    outputs = {}
+
+    def record(layer, x, y):
+        if id(layer) in wanted:
+            outputs[wanted[id(layer)]] = y
+
+    with record_calls(record):
+        model(images)
     stats = {}
     for name in names:
         x = outputs[name].astype(jnp.float32)
