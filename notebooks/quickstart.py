@@ -78,8 +78,15 @@ if ROOT is None:
 # `awn_jax` from it even right after an editable install (which only takes effect on restart).
 sys.path.insert(0, str(ROOT))
 if IN_COLAB or importlib.util.find_spec("flax") is None:
-    # Installs the dependencies; the same as `pip install -e .` in the clone.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
+    # Installs the dependencies; the same as `pip install -e .` in the clone. A JAX already
+    # installed (Colab's, built for its GPU or TPU) is kept: pip then picks the Flax that
+    # runs with it (JAX 0.7 -> Flax 0.12.0) instead of upgrading JAX for the newest Flax.
+    keep = []
+    if importlib.util.find_spec("jax") is not None:
+        from importlib.metadata import version
+        keep = [f"jax=={version('jax')}", f"jaxlib=={version('jaxlib')}"]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT), *keep],
+                   check=True)
 print("repository:", ROOT)
 
 # %% [markdown]

@@ -95,7 +95,13 @@ if ROOT is None:
 # `awn_jax` from it even right after an editable install (which only takes effect on restart).
 sys.path.insert(0, str(ROOT))
 if IN_COLAB or importlib.util.find_spec("flax") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
+    # A JAX already installed (Colab's) is kept: pip picks the Flax that runs with it.
+    keep = []
+    if importlib.util.find_spec("jax") is not None:
+        from importlib.metadata import version
+        keep = [f"jax=={version('jax')}", f"jaxlib=={version('jaxlib')}"]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT), *keep],
+                   check=True)
 print("repository:", ROOT)
 
 # %% [markdown]
