@@ -160,7 +160,9 @@ def main(argv):
             return
         output_dir = _OUTPUT_DIR.value or workdirs[0]
         loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
-    bn_stats = _BN_STATS(_BATCH_SIZE.value or 500)
+    # The evaluation batch: 500 (Table 1's), 128 for the batch study's partitions.
+    batch_size = _BATCH_SIZE.value or (128 if _STUDY.value == "batch" else 500)
+    bn_stats = _BN_STATS(batch_size)
     runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value).with_bn_stats(bn_stats)
             for run in loaded)
 
@@ -168,14 +170,14 @@ def main(argv):
         names = PAPER_ATTACKS if attack == "all" else (attack,)
         rows = [row for run in runs for row in robustness.evaluate_run(
             run, names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
-            step_size=_STEP_SIZE.value, batch_size=_BATCH_SIZE.value or 500,
+            step_size=_STEP_SIZE.value, batch_size=batch_size,
             num_examples=num_examples, seed=_SEED.value)]
         print(robustness.write_report(rows, names, output_dir))
     elif _STUDY.value == "eps-sweep":
         eps_values = _numbers(_EPS_VALUES, float)
         rows = [row for run in runs for row in studies.eps_sweep(
             run, bn_modes, eps_values,
-            steps=_STEPS.value or 7, batch_size=_BATCH_SIZE.value or 500,
+            steps=_STEPS.value or 7, batch_size=batch_size,
             num_examples=num_examples, seed=_SEED.value)]
         print(studies.write_sweep(rows, "eps", output_dir))
     elif _STUDY.value == "steps-sweep":
@@ -184,7 +186,7 @@ def main(argv):
             run, bn_modes, steps_values,
             eps=_EPS.value or attacks.DEFAULT_EPS,
             step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
-            batch_size=_BATCH_SIZE.value or 500, num_examples=num_examples,
+            batch_size=batch_size, num_examples=num_examples,
             seed=_SEED.value)]
         print(studies.write_sweep(rows, "steps", output_dir))
     elif _STUDY.value == "strict":
@@ -197,7 +199,7 @@ def main(argv):
             control_batch_size=_CONTROL_BATCH.value)
         results = [strict.strict_study(
             run, bn_modes, num_examples=num_examples,
-            batch_size=_BATCH_SIZE.value or 500, eps=_EPS.value or attacks.DEFAULT_EPS,
+            batch_size=batch_size, eps=_EPS.value or attacks.DEFAULT_EPS,
             step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
             budgets=budgets, cache_dir=os.path.join(output_dir, "strict-parts"))
             for run in runs]
@@ -207,7 +209,7 @@ def main(argv):
         attacked = _numbers(_ATTACKED, int) if _ATTACKED.value else None
         results = [studies.batch_study(
             run, bn_modes, num_examples=num_examples,
-            batch_sizes=batch_sizes, batch_size=_BATCH_SIZE.value or 128,
+            batch_sizes=batch_sizes, batch_size=batch_size,
             partitions=_PARTITIONS.value, attacked=attacked, max_passes=_PASSES.value,
             attack=attack, seed=_SEED.value) for run in runs]
         print(studies.write_batch_study(results, output_dir))

@@ -1,5 +1,5 @@
-"""The training state: the model's pytrees and the optimizer's, one Orbax checkpoint each
-epoch; and the BatchNorm drift the loop reports."""
+"""The training state: the model's pytrees and the optimizer's, saved as one Orbax
+checkpoint each epoch."""
 
 from __future__ import annotations
 
