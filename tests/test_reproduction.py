@@ -169,3 +169,16 @@ def test_paper_row_names():
     assert paper.row_name("adder-ws", "running") == "ANN-r-WS"
     assert paper.row_name("conv", "tracked") == "CNN"
     assert set(report.TABLE3) <= set(paper.ROWS)
+
+
+def test_interpolation_pairs_scale_the_papers_from_100_epochs():
+    from awn_jax.reproduction import stages
+
+    assert stages.epoch_pairs(10, "adder") == [(1, 2), (9, 10)]
+    assert stages.epoch_pairs(400, "adder") == [(1, 2), (160, 164), (290, 294), (399, 400)]
+    assert stages.epoch_pairs(400, "adder-awn") == [(1, 2), (125, 135), (283, 294),
+                                                     (399, 400)]
+    # 100 epochs: 160/4 = 40, 164/4 = 41; 290/4 = 72.5 -> 72, 294/4 = 73.5 -> 74.
+    assert stages.epoch_pairs(100, "adder") == [(1, 2), (40, 41), (72, 74), (99, 100)]
+    assert stages.epoch_pairs(100, "adder-ws") == stages.epoch_pairs(100, "adder-awn")
+    assert {e for pair in stages.epoch_pairs(100) for e in pair} >= {31, 34, 40, 41, 71}

@@ -4,7 +4,8 @@ the four finished runs; every stage's results are plain JSON.
 * ``table`` -- Table 1 (clean + the attacks x the three BN modes), per run; Table 3 is
   its WS/AWN rows under ``running``/``running-mean``.
 * ``sweeps`` -- PGD against eps and against steps under ``running-mean`` (Fig. 2a/2b).
-* ``interpolation`` -- accuracy between epochs 1-2 and the last two epochs (Fig. 2c).
+* ``interpolation`` -- accuracy between epochs 1-2 and the last two epochs, and from 100
+  epochs on the paper's pairs scaled to the budget (Fig. 2c).
 * ``distributions`` -- features before BN, weights and BN statistics at the first, middle
   and last epoch (Fig. 3).
 """
@@ -35,14 +36,31 @@ def sweeps(workdir, budget) -> dict:
                                          **common)}
 
 
-def epoch_pairs(epochs: int) -> list[tuple[int, int]]:
-    """The two pairs of Fig. 2c at this budget: the first two epochs and the last two."""
-    return sorted({(1, 2), (epochs - 1, epochs)}) if epochs >= 2 else []
+# Fig. 2c's pairs of the paper (Sec. 5, "Stability evaluation through linear
+# interpolation"), out of 400 epochs: early and late, ANN and ANN-AWN. ANN-WS takes
+# ANN-AWN's, the CNN the ANN's.
+PAPER_PAIRS = {"adder": ((160, 164), (290, 294)), "adder-awn": ((125, 135), (283, 294))}
+PAPER_PAIRS["adder-ws"], PAPER_PAIRS["conv"] = PAPER_PAIRS["adder-awn"], PAPER_PAIRS["adder"]
+
+
+def epoch_pairs(epochs: int, layer_type: str | None = None) -> list[tuple[int, int]]:
+    """The pairs of Fig. 2c at this budget: the first two epochs and the last two; from 100
+    epochs on also the paper's pairs of ``layer_type`` (all runs' when None) scaled by
+    ``epochs / 400`` (each epoch rounded, the second at least one after the first)."""
+    pairs = {(1, 2), (epochs - 1, epochs)} if epochs >= 2 else set()
+    if epochs >= 100:
+        scale = epochs / 400
+        for kind in ([layer_type] if layer_type else list(PAPER_PAIRS)):
+            for a, b in PAPER_PAIRS[kind]:
+                first = max(1, round(a * scale))
+                pairs.add((first, min(epochs, max(first + 1, round(b * scale)))))
+    return sorted(pairs)
 
 
 def interpolation_study(workdir, budget) -> list[dict]:
     results = []
-    for epoch_a, epoch_b in epoch_pairs(budget.epochs):
+    layer_type = load_run(workdir).config.layer_type
+    for epoch_a, epoch_b in epoch_pairs(budget.epochs, layer_type):
         run_a, run_b = load_run(workdir, epoch_a), load_run(workdir, epoch_b)
         for bn_stats in budget.interpolation_bn_stats:
             results.append(interpolation.interpolate_run(
