@@ -249,3 +249,18 @@ def test_cli_reports_bad_input_in_one_line(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_evaluates_with_reestimated_statistics_and_names_them(resnet_workdir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", "--workdir", resnet_workdir, "--attack", "fgsm",
+         "--bn-mode", "running-mean", "--bn-stats", "reestimate", "--bn-stats-images", "32",
+         "--batch-size", "16", "--num-examples", "32", "--output-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| model | BN stats | BN mode |" in result.stdout
+    assert "| resnet20-conv | reestimate-32 | running-mean |" in result.stdout
+    assert json.loads((tmp_path / "robustness.json").read_text())[0]["bn_stats"] == \
+        "reestimate-32"
+    assert any(f.startswith("resnet_workdir") or "epoch1-reestimate-32" in f
+               for f in os.listdir(os.path.join(resnet_workdir, "bn_stats")))
