@@ -20,3 +20,10 @@ import jax  # noqa: E402  (after the environment it reads)
 
 # Must happen before any JAX backend is initialized.
 jax.config.update("jax_num_cpu_devices", 8)
+
+# The float64 references use ``jax.enable_x64()``; JAX 0.7 (the declared minimum) has it as
+# ``jax.experimental.enable_x64`` only.
+if not hasattr(jax, "enable_x64"):
+    from jax.experimental import enable_x64
+
+    jax.enable_x64 = enable_x64

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.image_classification import cifar
 
-from awn_jax.data import dataset_for_run, get_dataset, image_folder, transforms
+from awn_jax.data import dataset_for_run, get_dataset, image_folder, tfds_source, transforms
 from configs import default
 
 CIFAR_JPEG_TAR = pathlib.Path(__file__).parents[2] / "shared" / "data" / "cifar10-jpeg.tar"
@@ -214,7 +214,9 @@ def test_imagenet_transforms():
 
 @pytest.mark.parametrize("name, num_classes, image_size", [
     ("cifar10", 10, 32), ("cifar100", 100, 32), ("imagenet2012", 1000, 24)])
-def test_tfds_sources(name, num_classes, image_size):
+def test_tfds_sources(name, num_classes, image_size, monkeypatch):
+    # The download site counts as reachable: mock_data stands in for the download.
+    monkeypatch.setattr(tfds_source, "_reachable", lambda host: True)
     config = _config(dataset=name, image_size=image_size, crop_padding=4)
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
         dataset = get_dataset(config)
@@ -265,8 +267,11 @@ def test_tfds_prepared_array_record_is_read_without_tensorflow(tmp_path, monkeyp
 
 
 def test_tfds_unavailable_is_one_clear_error(tmp_path, monkeypatch):
+    """The site answers, the download fails: TFDS's error in one line (an unreachable site
+    is refused before TFDS tries: tests/test_errors.py)."""
     def offline(self, *args, **kwargs):
         raise ConnectionError("no network")
+    monkeypatch.setattr(tfds_source, "_reachable", lambda host: True)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     with pytest.raises(FileNotFoundError, match="--config.data_dir") as error:
         get_dataset(_config(dataset="cifar10", data_dir=str(tmp_path)))

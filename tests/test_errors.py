@@ -208,7 +208,8 @@ def test_evaluate_cli_prints_its_table_without_logging(tmp_path):
                   "tracked", "--output-dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0].startswith("| model | BN mode | clean | fgsm |")
-    assert len(result.stdout.splitlines()) == 3  # header, rule, one row
+    # header, rule, one row; then where the report went
+    assert result.stdout.splitlines()[3:] == ["", f"report written to {tmp_path}"]
     assert not ABSL_LOG_LINE.search(result.stderr), result.stderr[-3000:]
 
 

