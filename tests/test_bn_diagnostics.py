@@ -18,6 +18,7 @@ from awn_jax.model import split_model
 from awn_jax.nn import BatchNorm, Conv2d
 from awn_jax.stability import bn_diagnostics
 from awn_jax.training.runs import Run
+from workdirs import random_workdir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,25 +139,10 @@ def test_augmentation_trigger_pads_crops_and_flips_the_test_images():
 
 def test_analyze_cli_diagnoses_a_workdir(tmp_path):
     """A random ResNet-20 workdir on synthetic images, diagnosed through analyze.py."""
-    from awn_jax import data
-    from awn_jax.training import checkpointing
-    from awn_jax.training.state import create_train_state
-    from configs import smoke
-
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    config = smoke.get_config()
-    config.update(dict(layer_type="adder-ws", image_size=8, crop_padding=0,
-                       synthetic_num_train=64, synthetic_num_test=100, batch_size=32,
-                       num_devices=1))
-    dataset = data.get_dataset(config)
-    _, _, state = create_train_state(config, dataset.info, dataset.steps_per_epoch(32))
-    checkpointing.check_or_save_config(config, workdir)
-    checkpointing.save_dataset_info(dataset.info, workdir)
-    manager = checkpointing.make_manager(workdir)
-    checkpointing.save(manager, 1, state)
-    manager.wait_until_finished()
-    manager.close()
+    random_workdir(workdir, layer_type="adder-ws", image_size=8, crop_padding=0,
+                   synthetic_num_train=64, synthetic_num_test=100, batch_size=32)
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "analyze.py", "--study", "bn-diagnostics", "--workdir", workdir,

@@ -12,17 +12,15 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from awn_jax import bn_statistics, data
+from awn_jax import bn_statistics
 from awn_jax.bn_statistics import BNStats, reestimate
 from awn_jax.distributed import make_mesh
 from awn_jax.errors import UserError
 from awn_jax.model import apply_model, named_leaves, split_model, with_bn_mode
 from awn_jax.nn import BatchNorm, Conv2d
 from awn_jax.ops.reference import adder_conv2d_reference
-from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
-from awn_jax.training.state import create_train_state
-from configs import smoke
+from workdirs import random_workdir
 
 
 class Toy(nnx.Module):
@@ -48,7 +46,8 @@ def _toy():
     images give, so a layer that used the old statistics of an earlier one would show."""
     graphdef, params, batch_stats = split_model(Toy(nnx.Rngs(0)))
     rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda p: np.asarray(p), params)
+    params = jax.tree.map(np.array, params)  # writable copies, set in place below
+    batch_stats = jax.tree.map(np.array, batch_stats)
     for name in ("bn1", "bn2", "bn3"):
         params[name]["scale"][...] = rng.uniform(0.5, 2.0, params[name]["scale"].shape)
         params[name]["bias"][...] = rng.normal(0, 0.5, params[name]["bias"].shape)
@@ -183,20 +182,9 @@ def test_settings_are_checked():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A workdir with an epoch-1 checkpoint of a random ResNet-20 ANN-WS on 8x8 images."""
-    workdir = str(tmp_path_factory.mktemp("bn_stats_workdir"))
-    config = smoke.get_config()
-    config.update(dict(layer_type="adder-ws", image_size=8, crop_padding=1,
-                       synthetic_num_train=64, synthetic_num_test=32, batch_size=32,
-                       num_devices=1))
-    dataset = data.get_dataset(config)
-    _, _, state = create_train_state(config, dataset.info, dataset.steps_per_epoch(32))
-    checkpointing.check_or_save_config(config, workdir)
-    checkpointing.save_dataset_info(dataset.info, workdir)
-    manager = checkpointing.make_manager(workdir)
-    checkpointing.save(manager, 1, state)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    return random_workdir(str(tmp_path_factory.mktemp("bn_stats_workdir")),
+                          layer_type="adder-ws", image_size=8, crop_padding=1,
+                          synthetic_num_train=64, synthetic_num_test=32, batch_size=32)
 
 
 def _files(directory):

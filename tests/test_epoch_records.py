@@ -6,15 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from awn_jax import bn_statistics, data
+from awn_jax import bn_statistics
 from awn_jax.bn_statistics import BNStats
 from awn_jax.evaluation import EVAL_BN_MODES
 from awn_jax.model import named_leaves
 from awn_jax.stability import epoch_records
-from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
-from awn_jax.training.state import create_train_state
-from configs import smoke
+from workdirs import random_workdir
 
 SETTINGS = epoch_records.RecordSettings(test_examples=40, batch_size=20,
                                         bn_stats=BNStats("reestimate", 32, batch_size=16))
@@ -24,24 +22,16 @@ SETTINGS = epoch_records.RecordSettings(test_examples=40, batch_size=20,
 def workdir(tmp_path_factory):
     """A random ResNet-20 ANN-AWN on 8x8 synthetic images, saved as epochs 1 and 2, with
     nu and upsilon of epoch 2 moved by known amounts."""
-    workdir = str(tmp_path_factory.mktemp("records_workdir"))
-    config = smoke.get_config()
-    config.update(dict(layer_type="adder-awn", image_size=8, crop_padding=0,
-                       synthetic_num_train=64, synthetic_num_test=40, batch_size=32,
-                       num_devices=1))
-    dataset = data.get_dataset(config)
-    _, _, state = create_train_state(config, dataset.info, dataset.steps_per_epoch(32))
-    checkpointing.check_or_save_config(config, workdir)
-    checkpointing.save_dataset_info(dataset.info, workdir)
-    manager = checkpointing.make_manager(workdir)
-    checkpointing.save(manager, 1, state)
-    conv = state.params["stages"][0][0]["conv1"]
-    conv["nu"][...] = conv["nu"][...].at[3].set(1.25)
-    conv["upsilon"][...] = conv["upsilon"][...].at[0].set(-0.5)
-    checkpointing.save(manager, 2, state)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    def move(epoch, state):
+        if epoch == 2:
+            conv = state.params["stages"][0][0]["conv1"]
+            conv["nu"][...] = conv["nu"][...].at[3].set(1.25)
+            conv["upsilon"][...] = conv["upsilon"][...].at[0].set(-0.5)
+        return state
+
+    return random_workdir(str(tmp_path_factory.mktemp("records_workdir")), epochs=(1, 2),
+                          edit=move, layer_type="adder-awn", image_size=8, crop_padding=0,
+                          synthetic_num_train=64, synthetic_num_test=40, batch_size=32)
 
 
 def test_awn_movement_is_read_off_the_parameters(workdir):

@@ -25,10 +25,9 @@ from awn_jax import data, robustness
 from awn_jax.model import apply_model, split_model
 from awn_jax.nn import BatchNorm, Conv2d
 from awn_jax.robustness import studies
-from awn_jax.training import checkpointing
 from awn_jax.training.runs import Run, load_run
-from awn_jax.training.state import create_train_state
 from configs import smoke
+from workdirs import random_workdir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,20 +38,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def resnet_workdir(tmp_path_factory):
     """A workdir as training leaves it (config, dataset info, a checkpoint of epoch 1),
     holding a randomly initialized ResNet-20 CNN on 8x8 synthetic images."""
-    workdir = str(tmp_path_factory.mktemp("resnet_workdir"))
-    config = smoke.get_config()
-    config.update(dict(layer_type="conv", image_size=8, crop_padding=1,
-                       synthetic_num_train=64, synthetic_num_test=48, batch_size=32,
-                       num_devices=1))
-    dataset = data.get_dataset(config)
-    _, _, state = create_train_state(config, dataset.info, dataset.steps_per_epoch(32))
-    checkpointing.check_or_save_config(config, workdir)
-    checkpointing.save_dataset_info(dataset.info, workdir)
-    manager = checkpointing.make_manager(workdir)
-    checkpointing.save(manager, 1, state)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+    return random_workdir(str(tmp_path_factory.mktemp("resnet_workdir")), layer_type="conv",
+                          image_size=8, crop_padding=1, synthetic_num_train=64,
+                          synthetic_num_test=48, batch_size=32)
 
 
 def test_evaluate_run_and_report_from_a_workdir(resnet_workdir, tmp_path):
