@@ -41,9 +41,10 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from awn_jax import cli, pretrained, robustness
+from awn_jax import cli, names, pretrained, robustness
 from awn_jax.detection import training as detection
 from awn_jax.errors import UserError
+from awn_jax.nn.batchnorm import EVAL_BN_MODES, check_bn_modes
 from awn_jax.detection.evaluation import summary_table
 from awn_jax.robustness import attacks, strict, studies
 from awn_jax.training.runs import load_run
@@ -114,7 +115,6 @@ flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
 _CONTROL_BATCH = flags.DEFINE_integer("control-batch-size", 50, "strict: size of the "
                                       "single-class (and matching mixed) control batches.")
 
-PAPER_ATTACKS = ("fgsm", "bim", "pgd", "mim", "rfgsm")
 PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output-dir: awn-reports/<names>
 STUDIES = ("table", "eps-sweep", "steps-sweep", "batch", "strict")
 
@@ -136,8 +136,7 @@ def main(argv):
         attacks.check_attack_name(attack)
     if _STUDY.value in ("eps-sweep", "steps-sweep") and attack != "pgd":
         raise UserError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
-    bn_modes = robustness.check_bn_modes(
-        robustness.EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
+    bn_modes = check_bn_modes(EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
     num_examples = _NUM_EXAMPLES.value
     if _PRETRAINED.value:
         output_dir = _OUTPUT_DIR.value or os.path.join(PRETRAINED_REPORTS,
@@ -167,12 +166,12 @@ def main(argv):
             for run in loaded)
 
     if _STUDY.value == "table":
-        names = PAPER_ATTACKS if attack == "all" else (attack,)
+        attack_names = names.PAPER_ATTACKS if attack == "all" else (attack,)
         rows = [row for run in runs for row in robustness.evaluate_run(
-            run, names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
+            run, attack_names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
             step_size=_STEP_SIZE.value, batch_size=batch_size,
             num_examples=num_examples, seed=_SEED.value)]
-        print(robustness.write_report(rows, names, output_dir))
+        print(robustness.write_report(rows, attack_names, output_dir))
     elif _STUDY.value == "eps-sweep":
         eps_values = _numbers(_EPS_VALUES, float)
         rows = [row for run in runs for row in studies.eps_sweep(

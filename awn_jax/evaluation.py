@@ -35,21 +35,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import UserError
 from awn_jax.model import apply_model, with_bn_mode
-from awn_jax.nn.batchnorm import BN_MODES
-
-# Every mode but "train", which would update the running statistics while evaluating.
-EVAL_BN_MODES = tuple(mode for mode in BN_MODES if mode != "train")
+from awn_jax.nn.batchnorm import check_bn_modes
 
 Attack = Callable[..., jax.Array]
-
-
-def check_bn_modes(bn_modes) -> tuple[str, ...]:
-    """``bn_modes`` as a tuple, or a clear error for a mode that is not an evaluation mode."""
-    for mode in bn_modes:
-        if mode not in EVAL_BN_MODES:
-            raise UserError(f"unknown evaluation BN mode {mode!r}; expected one of "
-                            f"{EVAL_BN_MODES}")
-    return tuple(bn_modes)
 
 
 class Evaluator:

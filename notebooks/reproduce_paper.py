@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -131,8 +131,8 @@ import dataclasses
 
 import jax
 
-from awn_jax import reproduction
-from awn_jax.reproduction import paper, report
+from awn_jax import names, reproduction
+from awn_jax.reproduction import report
 from awn_jax.training.metrics import read_metrics
 
 print("JAX", jax.__version__, "on", jax.devices(), "| mode:", MODE)
@@ -177,7 +177,7 @@ histories = {t: read_metrics(w) for t, w in result["workdirs"].items()}
 summary = {"mode": MODE, "seconds": round(time.perf_counter() - start, 1),
            "train": histories, "report_dir": str(REPORT_DIR)}
 for layer_type, history in histories.items():
-    print(f"{paper.BASE_NAMES[layer_type]:<8} {len(history)} epochs, test accuracy "
+    print(f"{names.PAPER_NAMES[layer_type]:<8} {len(history)} epochs, test accuracy "
           f"{100 * history[-1]['test_accuracy']:6.2f}% (BN tracked)")
 
 

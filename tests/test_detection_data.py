@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from awn_jax.detection import data, synthetic, voc
+from awn_jax.detection import data, synthetic
 from configs import voc_frcnn_default
 
 

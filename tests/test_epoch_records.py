@@ -8,7 +8,7 @@ import pytest
 
 from awn_jax import bn_statistics
 from awn_jax.bn_statistics import BNStats
-from awn_jax.evaluation import EVAL_BN_MODES
+from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.model import named_leaves
 from awn_jax.stability import epoch_records
 from awn_jax.training.runs import load_run

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from awn_jax import reproduction
+from awn_jax import names, reproduction
 from awn_jax.bn_statistics import BNStats
 from awn_jax.errors import UserError
 from awn_jax.reproduction import campaign, paper, report
@@ -165,9 +165,9 @@ def test_verdict_rule():
 
 
 def test_paper_row_names():
-    assert paper.row_name("adder-awn", "running-mean") == "ANN-R-AWN"
-    assert paper.row_name("adder-ws", "running") == "ANN-r-WS"
-    assert paper.row_name("conv", "tracked") == "CNN"
+    assert names.row_name("adder-awn", "running-mean") == "ANN-R-AWN"
+    assert names.row_name("adder-ws", "running") == "ANN-r-WS"
+    assert names.row_name("conv", "tracked") == "CNN"
     assert set(report.TABLE3) <= set(paper.ROWS)
 
 

@@ -22,9 +22,11 @@ import pytest
 from flax import nnx
 
 from awn_jax import data, robustness
+from awn_jax.evaluation import Evaluator
 from awn_jax.model import apply_model, split_model
 from awn_jax.nn import BatchNorm, Conv2d
-from awn_jax.robustness import studies
+from awn_jax.names import PAPER_ATTACKS
+from awn_jax.robustness import attacks, studies
 from awn_jax.training.runs import Run, load_run
 from configs import smoke
 from workdirs import random_workdir
@@ -59,6 +61,26 @@ def test_evaluate_run_and_report_from_a_workdir(resnet_workdir, tmp_path):
     assert (tmp_path / "robustness.md").read_text() == table + "\n"
     assert table.splitlines()[0] == "| model | BN mode | clean | fgsm | #Mul | #Add |"
     assert "| resnet20-conv | running-mean | " in table
+
+
+def test_a_columns_random_key_depends_on_its_attack_only(resnet_workdir, monkeypatch):
+    """A table of PGD alone attacks with the keys PGD's column has in the paper's table."""
+    keys = []
+
+    def recorded(self, images, labels, *, attack=None, key=None, **kwargs):
+        keys.append((attack, np.asarray(jax.random.key_data(key)).tolist()))
+        return np.zeros(len(labels), np.int64)
+
+    monkeypatch.setattr(Evaluator, "predictions", recorded)
+    run = load_run(resnet_workdir)
+    pgd = attacks.configured("pgd")[0]
+    tables = {}
+    for names in (["pgd"], list(PAPER_ATTACKS)):
+        keys.clear()
+        robustness.evaluate_run(run, names, ["running-mean"], batch_size=32,
+                                show_progress=False)
+        tables[len(names)] = [key for attack, key in keys if attack == pgd]
+    assert len(tables[1]) == 2 and tables[1] == tables[len(PAPER_ATTACKS)]
 
 
 def test_tracked_logits_are_per_example_and_batch_modes_are_not(resnet_workdir):

@@ -3,8 +3,10 @@ mates; none under tracked), EOT over unknown batch partners, the worst-case colu
 study's report, on the tiny trained network of test_robustness.py."""
 
 import dataclasses
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -182,6 +184,34 @@ def test_strict_study_checklist_harm_controls_report_and_resume(tiny_run, tmp_pa
     assert (tmp_path / "strict.png").read_bytes()[:4] == b"\x89PNG"
     assert "| worst case | per example" in tables
     assert tables.count("| ") > 30
+
+
+def _reordered_strict_module(monkeypatch):
+    """awn_jax.robustness.strict as if its source listed the checklist in reverse order."""
+    source = pathlib.Path(strict.__file__).read_text()
+    start = source.index("CHECKS = {")
+    end = source.index("}\n", start) + 2
+    reordered = "CHECKS = " + repr(dict(reversed(strict.CHECKS.items()))) + "\n"
+    spec = importlib.util.spec_from_loader("strict_reordered", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)   # for its dataclasses
+    exec(compile(source[:start] + reordered + source[end:], strict.__file__, "exec"),
+         module.__dict__)
+    return module
+
+
+def test_reordering_the_checklist_changes_no_number(tiny_run, monkeypatch):  # noqa: F811
+    """Each evaluation's random key comes from its name (strict.KEY_IDS), not its place."""
+    reordered = _reordered_strict_module(monkeypatch)
+    assert list(reordered.CHECKS) == list(reversed(strict.CHECKS))
+    budgets = dict(apgd_steps=3, square_queries=10, eot_attacked=4, eot_draws=1, eot_steps=2,
+                   mate_steps=2, mate_sizes=(4,), control_batch_size=8)
+    settings = dict(num_examples=32, batch_size=BATCH, eps=0.1, step_size=0.025,
+                    show_progress=False)
+    study = strict.strict_study(tiny_run, ["running-mean"], budgets=strict.Budgets(**budgets),
+                                **settings)
+    assert reordered.strict_study(tiny_run, ["running-mean"],
+                                  budgets=reordered.Budgets(**budgets), **settings) == study
 
 
 def test_scoring_the_mates_needs_attacker_images_and_mates(run, data):

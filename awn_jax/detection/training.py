@@ -30,7 +30,7 @@ from awn_jax.detection.detector import build_detector
 from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
 from awn_jax.model import split_model, with_bn_mode
-from awn_jax.nn.batchnorm import check_bn_mode
+from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config
 from awn_jax.training.loop import run_epochs
@@ -130,8 +130,9 @@ class DetectionTrainer:
         self.initial_state = jax.device_put(state, self.replicated)
         self.schedule = optimizer.learning_rate_schedule(
             optimizer_config(config, self.steps_per_epoch), self.steps_per_epoch)
+        check_bn_modes([config.eval_bn_mode])
         eval_graphdef = with_bn_mode(self.graphdef, state.params, state.batch_stats,
-                                     check_bn_mode(config.eval_bn_mode))
+                                     config.eval_bn_mode)
         self.train_step = under_mesh(jax.jit(
             functools.partial(train_step, self.graphdef, tx, config.seed),
             in_shardings=(self.replicated, self.sharded),

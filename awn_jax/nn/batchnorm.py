@@ -31,11 +31,19 @@ BN_MODES = ("train", "tracked", "running-mean", "running")
 ``running``: batch mean and variance, nothing updated (the paper's "-r")."""
 
 
-def check_bn_mode(mode: str) -> str:
-    """Return ``mode`` if it is one of :data:`BN_MODES`, else raise UserError."""
-    if mode not in BN_MODES:
-        raise UserError(f"unknown BatchNorm mode {mode!r}; expected one of {BN_MODES}")
-    return mode
+# Every mode but "train", which would update the running statistics while evaluating.
+EVAL_BN_MODES = tuple(mode for mode in BN_MODES if mode != "train")
+
+
+def check_bn_modes(modes, *, allow_train: bool = False) -> tuple[str, ...]:
+    """``modes`` as a tuple, or one clear error for the first that is not an evaluation mode
+    (nor ``train``, if ``allow_train``)."""
+    allowed = BN_MODES if allow_train else EVAL_BN_MODES
+    for mode in modes:
+        if mode not in allowed:
+            what = "BatchNorm" if allow_train else "evaluation BN"
+            raise UserError(f"unknown {what} mode {mode!r}; expected one of {allowed}")
+    return tuple(modes)
 
 
 class BatchNorm(nnx.Module):
@@ -48,7 +56,7 @@ class BatchNorm(nnx.Module):
     def __init__(self, num_features: int, *, mode: str = "train", momentum: float = 0.1,
                  eps: float = 1e-5):
         self.num_features = num_features
-        self.mode = check_bn_mode(mode)
+        (self.mode,) = check_bn_modes([mode], allow_train=True)
         self.momentum = momentum
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
@@ -116,7 +124,7 @@ def intercept(fn: Callable):
 
 def set_bn_mode(model: nnx.Module, mode: str) -> None:
     """Switch every :class:`BatchNorm` inside ``model`` to ``mode``, in place."""
-    check_bn_mode(mode)
+    check_bn_modes([mode], allow_train=True)
     for _, module in nnx.iter_graph(model):
         if isinstance(module, BatchNorm):
             module.mode = mode

@@ -23,9 +23,10 @@ import time
 import ml_collections
 from absl import logging
 
-from awn_jax import reports
+from awn_jax import names, reports
 from awn_jax.bn_statistics import BNStats
 from awn_jax.errors import UserError
+from awn_jax.robustness.studies import SWEEP_EPS, SWEEP_STEPS
 from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
 from configs import cifar10_r20_ann, cifar10_r20_awn, cifar10_r20_cnn, cifar10_r20_ws
@@ -60,11 +61,11 @@ class Budget:
     name: str
     epochs: int
     test_examples: int = 0
-    attacks: tuple[str, ...] = ("fgsm", "bim", "pgd", "mim", "rfgsm")
+    attacks: tuple[str, ...] = names.PAPER_ATTACKS
     attack_steps: int | None = None
     sweep_examples: int = 0
-    eps_values: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 11))
-    steps_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    eps_values: tuple[float, ...] = SWEEP_EPS
+    steps_values: tuple[int, ...] = SWEEP_STEPS
     interpolation_points: int = 9
     interpolation_bn_stats: tuple[str, ...] = ("interpolate", "reestimate")
     feature_images: int = 256

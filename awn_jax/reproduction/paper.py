@@ -1,12 +1,8 @@
 """The numbers of "Towards Stable and Robust AdderNets" (Zhu et al., NeurIPS 2021) that the
 reproduction compares against, ResNet-20 on CIFAR-10, accuracies in %.
 
-Table 1 and Table 3 rows are named as in the paper: the layer type's name (CNN, ANN,
-ANN-WS, ANN-AWN) with the BN mode's suffix after the first part ("-R" running-mean,
-"-r" running, none for tracked): CNN-R, ANN-R, ANN-r-WS, ANN-R-AWN.
+Rows are named as in the paper (:func:`awn_jax.names.row_name`): CNN-R, ANN-R, ANN-r-WS, ...
 """
-
-ATTACKS = ("fgsm", "bim", "pgd", "mim", "rfgsm")  # FGSM, BIM-7, PGD-7, MIM-5, RFGSM-5
 
 # (clean, FGSM, BIM-7, PGD-7, MIM-5, RFGSM-5): Table 1, and Table 3 for WS and "-r".
 ROWS = {
@@ -38,12 +34,3 @@ INTERPOLATION_VARIANCE = {"ANN": (587.28, 627.54), "ANN-AWN": (336.00, 41.67)}
 # Sec. 5.2: mean and std of the 19th layer's features before BN, early / late epoch.
 FEATURES = {"ANN": {21: (-2738.58, 1042.44), 386: (-1476.52, 266.97)},
             "ANN-AWN": {21: (-940.89, 269.39), 385: (-564.59, 60.65)}}
-
-BASE_NAMES = {"conv": "CNN", "adder": "ANN", "adder-ws": "ANN-WS", "adder-awn": "ANN-AWN"}
-BN_SUFFIX = {"tracked": "", "running-mean": "-R", "running": "-r"}
-
-
-def row_name(layer_type: str, bn_mode: str) -> str:
-    """The paper's label of a (layer type, BN mode) row: CNN, ANN-R, ANN-r-WS, ..."""
-    head, _, tail = BASE_NAMES[layer_type].partition("-")
-    return head + BN_SUFFIX[bn_mode] + (f"-{tail}" if tail else "")

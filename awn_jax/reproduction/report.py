@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from awn_jax import reports
+from awn_jax import names, reports
 from awn_jax.reproduction import paper
 from awn_jax.robustness import studies
 from awn_jax.stability import curves, distributions, interpolation
 from awn_jax.training import checkpointing
 
-COLUMNS = ("clean",) + paper.ATTACKS
+COLUMNS = ("clean",) + names.PAPER_ATTACKS
 HEADERS = {"clean": "clean", "fgsm": "FGSM", "bim": "BIM-7", "pgd": "PGD-7", "mim": "MIM-5",
            "rfgsm": "RFGSM-5"}
 
@@ -31,7 +31,7 @@ def standard_error(p: float, n: int) -> float:
 
 def named_rows(table_rows: dict[str, list[dict]]) -> dict[str, dict]:
     """The Table-1 rows of every run and BN mode, keyed by the paper's row name."""
-    return {paper.row_name(layer_type, row["bn_mode"]): {**row, "layer_type": layer_type}
+    return {names.row_name(layer_type, row["bn_mode"]): {**row, "layer_type": layer_type}
             for layer_type, rows in table_rows.items() for row in rows}
 
 
@@ -121,7 +121,7 @@ def format_claims(found) -> str:
 def format_sweeps(sweeps: dict) -> str:
     parts = []
     for x in ("eps", "steps"):
-        rows = [{**row, "run": paper.row_name(t, row["bn_mode"])}
+        rows = [{**row, "run": names.row_name(t, row["bn_mode"])}
                 for t, result in sweeps.items() for row in result[x]]
         if rows:
             parts += [f"PGD accuracy (%) against {x} under `running-mean` "
@@ -137,7 +137,7 @@ def format_interpolation(results: dict) -> str:
     lines = ["| model | epochs | BN statistics | accuracy along the path (%) | variance of "
              "the interior (%²) | paper (%², its epochs) |", "|---|---|---|---|---|---|"]
     for layer_type, entries in results.items():
-        name = paper.BASE_NAMES[layer_type]
+        name = names.PAPER_NAMES[layer_type]
         pairs = sorted({(e["epoch_a"], e["epoch_b"]) for e in entries})
         for e in entries:
             index = pairs.index((e["epoch_a"], e["epoch_b"]))
@@ -183,7 +183,7 @@ def format_features(results: dict) -> str:
         layer = result["feature_layers"][-1]
         for entry in result["features"]:
             stats = next(s for s in entry["layers"] if s["layer"] == layer)
-            lines.append(f"| {paper.BASE_NAMES[layer_type]} | {layer} | {entry['epoch']} | "
+            lines.append(f"| {names.PAPER_NAMES[layer_type]} | {layer} | {entry['epoch']} | "
                          f"{stats['mean']:.2f} | {stats['std']:.2f} |")
     quoted = [f"{name} epoch {epoch}: mean {m:.2f}, std {s:.2f}"
               for name, entries in paper.FEATURES.items() for epoch, (m, s) in entries.items()]
@@ -210,7 +210,7 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
     training = {t: e for t, e in epochs.items() if e < budget.epochs}
     curve_results = curves.collect([w for t, w in workdirs.items() if epochs[t]])
     status = ("" if not training else "**Partial report**: still training "
-              + ", ".join(f"{paper.BASE_NAMES[t]} ({e} of {budget.epochs} epochs)"
+              + ", ".join(f"{names.PAPER_NAMES[t]} ({e} of {budget.epochs} epochs)"
                           for t, e in training.items())
               + "; their rows and the claims that need them wait for a later call.")
     figures = {
@@ -226,7 +226,7 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
             report_dir, "weights"),
     }
     for x, (key, xlabel, title) in studies.SWEEPS.items():
-        sweep_rows = [{**row, "run": paper.row_name(t, row["bn_mode"])}
+        sweep_rows = [{**row, "run": names.row_name(t, row["bn_mode"])}
                       for t, result in results["sweeps"].items() for row in result[x]]
         figures[f"{x}_sweep"] = reports.save_figure(
             studies.plot_sweep(sweep_rows, key, xlabel, title), report_dir, f"{x}_sweep")
@@ -235,7 +235,7 @@ def write(report_dir: str, budget, epochs: dict, workdirs: dict, results: dict,
         f"Command: `{command}`", "", *([status, ""] if status else []),
         f"{budget.describe()}; "
         f"{training_summary(next(w for t, w in workdirs.items() if t not in training))}.", "",
-        "Runs: " + ", ".join(f"{paper.BASE_NAMES[t]} `{w}` ({epochs[t]} epochs)"
+        "Runs: " + ", ".join(f"{names.PAPER_NAMES[t]} `{w}` ({epochs[t]} epochs)"
                              for t, w in workdirs.items()), "",
         "## Table 1 (accuracy %, obtained ± SE | paper)", "",
         format_table(rows, [n for n in TABLE1 if n in rows], budget), "",

@@ -13,6 +13,7 @@ the four finished runs; every stage's results are plain JSON.
 from __future__ import annotations
 
 from awn_jax import robustness
+from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.robustness import studies
 from awn_jax.stability import distributions, interpolation
 from awn_jax.training.runs import load_run
@@ -20,7 +21,7 @@ from awn_jax.training.runs import load_run
 
 def table(workdir, budget) -> list[dict]:
     return robustness.evaluate_run(
-        load_run(workdir).with_bn_stats(budget.bn_stats), budget.attacks, robustness.EVAL_BN_MODES,
+        load_run(workdir).with_bn_stats(budget.bn_stats), budget.attacks, EVAL_BN_MODES,
         steps=budget.attack_steps, batch_size=budget.eval_batch_size,
         num_examples=budget.test_examples or None, show_progress=False)
 

@@ -7,7 +7,6 @@
 * :mod:`.strict` -- the strict evaluation of the batch modes (checklist, harm, controls).
 """
 
-from awn_jax.robustness.table import (EVAL_BN_MODES, check_bn_modes, evaluate_run, format_table,
-                                      write_report)
+from awn_jax.robustness.table import evaluate_run, format_table, write_report
 
-__all__ = ["EVAL_BN_MODES", "check_bn_modes", "evaluate_run", "format_table", "write_report"]
+__all__ = ["evaluate_run", "format_table", "write_report"]

@@ -59,7 +59,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
-from typing import Callable
+import zlib
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -633,3 +634,12 @@ def configured(name: str, *, eps=None, step_size=None, steps=None) -> tuple[Atta
             settings[setting] = value
     return (Attack(name, _check_steps(settings["steps"])),
             (settings["eps"], settings["step_size"]))
+
+
+def named_key(seed: int, name: str, ids: Mapping[str, int]) -> jax.Array:
+    """The random key of the evaluation ``name`` in a study: ``fold_in(key(seed), ids[name])``
+    with ``ids`` the study's frozen table (names it lacks: their CRC-32). Keyed by name, so
+    adding, dropping or reordering a study's evaluations leaves the others' numbers as
+    they were; a table only grows, its numbers never change (cached results depend on them)."""
+    number = ids[name] if name in ids else zlib.crc32(name.encode()) & 0x7FFFFFFF
+    return jax.random.fold_in(jax.random.key(seed), number)

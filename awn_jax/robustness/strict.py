@@ -33,16 +33,15 @@ import functools
 import math
 import re
 
-import jax
 import numpy as np
 import tqdm
 
 from awn_jax import reports
 from awn_jax.errors import UserError
-from awn_jax.evaluation import check_bn_modes
+from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.robustness import attacks
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
-from awn_jax.robustness.studies import run_label, single_class_order
+from awn_jax.robustness.studies import single_class_order
 
 # Checklist rows: name -> threat model (what the attacker controls and knows).
 CHECKS = {
@@ -56,7 +55,10 @@ CHECKS = {
     "worst": "per example: correct clean and after every row above",
 }
 HARM_FRACTIONS = (0.05, 0.10, 0.25)   # besides k = 1
-_KEYS = (*CHECKS, "mates")             # each evaluation's key: fold_in(seed, position)
+# Each evaluation's random key (attacks.named_key); frozen: the numbers of cached parts
+# depend on it (they were the checks' positions when keys were positional).
+KEY_IDS = {"clean": 0, "pgd": 1, "apgd-ce": 2, "apgd-dlr": 3, "square": 4, "transfer": 5,
+           "eot": 6, "worst": 7, "mates": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,7 @@ class _Study:
         if self.cache_dir is None:
             result = compute()
         else:
-            stem = _portable(f"{run_label(self.run)}-{mode}-{name}")
+            stem = _portable(f"{self.run.label}-{mode}-{name}")
             result = reports.cached(self.cache_dir, stem, {"settings": self.settings}, compute)
         self.progress.update()
         return result
@@ -130,7 +132,7 @@ class _Study:
         return np.asarray(self.part(mode, name, lambda: compute().tolist()), bool)
 
     def key(self, name):
-        return jax.random.fold_in(jax.random.key(self.seed), _KEYS.index(name))
+        return attacks.named_key(self.seed, name, KEY_IDS)
 
     def correct(self, bn_mode, images=None, labels=None, batch_size=None, attack=None,
                 key_name="clean", **kwargs):
@@ -240,7 +242,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
             raise UserError(f"{what} attacked images per batch must be in "
                             f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
     images, labels = run.test_set(num_examples, multiple_of=math.lcm(batch_size, eot_k))
-    settings = {"run": run_label(run), "model": run.name, "workdir": run.workdir,
+    settings = {"run": run.label, "model": run.architecture, "workdir": run.workdir,
                 "epoch": run.epoch, "weights_sha256": run.weights_sha256,
                 "num_examples": len(images), "batch_size": batch_size,
                 "eps": eps, "step_size": step_size, "seed": seed,
@@ -248,7 +250,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                 "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
                             "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}
     parts = len(CHECKS) - 1 + len(settings["budgets"]["mate_sizes"]) + 3  # worst: no part
-    with tqdm.tqdm(total=parts * len(bn_modes), desc=run_label(run), unit="part",
+    with tqdm.tqdm(total=parts * len(bn_modes), desc=run.label, unit="part",
                    disable=not show_progress) as progress:
         study = _Study(run, images, labels, batch_size=batch_size, eps=eps,
                        step_size=step_size, seed=seed, budgets=budgets, settings=settings,

@@ -33,26 +33,19 @@ same first ``N`` examples of the fixed test order, with ``N`` a multiple of the 
 
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 
 from awn_jax import reports
 from awn_jax.errors import UserError
+from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.robustness import attacks
-from awn_jax.robustness.table import check_bn_modes
 
-SWEEP_EPS = tuple(np.round(np.linspace(0.01, 0.1, 10), 4))
+# The paper's sweeps (Fig. 2a: PGD-7 at eps 0.01..0.1; Fig. 2b: PGD steps at eps 8/255).
+SWEEP_EPS = tuple(round(0.01 * i, 2) for i in range(1, 11))
 SWEEP_STEPS = (1, 2, 5, 10, 20, 50)
 BATCH_SIZES = (1, 8, 32, 128, 512)
-
-
-def run_label(run) -> str:
-    """The workdir's last component (distinguishes two runs of the same architecture),
-    with the BN statistics when they are not the trained ones (``+reestimate-10000``)."""
-    label = os.path.basename(os.path.normpath(run.workdir))
-    return f"{label}+{run.bn_stats.label()}" if run.bn_stats.reestimated else label
 
 
 def single_class_order(labels, batch_size: int) -> np.ndarray:
@@ -121,7 +114,7 @@ def _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed):
 
 
 def _sweep_row(run, mode, num_examples, batch_size, clean, **values):
-    return {"run": run_label(run), "model": run.name, "workdir": run.workdir,
+    return {"run": run.label, "model": run.architecture, "workdir": run.workdir,
             "epoch": run.epoch, "bn_mode": mode, "num_examples": num_examples,
             "batch_size": batch_size, "clean": clean, **values}
 
@@ -171,7 +164,7 @@ def batch_size_rows(run, images, labels, bn_modes, batch_sizes=BATCH_SIZES, *,
     for batch_size in batch_sizes:
         for mode in check_bn_modes(bn_modes):
             common = dict(batch_size=batch_size, bn_mode=mode)
-            rows.append({"run": run_label(run), "bn_mode": mode,
+            rows.append({"run": run.label, "bn_mode": mode,
                          "batch_size": batch_size, "num_examples": len(images),
                          "clean": accuracy(run, images, labels, **common),
                          attack: accuracy(run, images, labels, attack=attack, seed=seed,
@@ -189,7 +182,7 @@ def shuffle_rows(run, images, labels, bn_modes, *, batch_size=128, partitions=5,
               for p in range(partitions)]
     rows = []
     for mode in check_bn_modes(bn_modes):
-        row = {"run": run_label(run), "bn_mode": mode, "batch_size": batch_size,
+        row = {"run": run.label, "bn_mode": mode, "batch_size": batch_size,
                "partitions": partitions, "num_examples": len(images)}
         for name in ("clean", attack):
             predicted = np.empty((partitions, len(images)), np.int64)
@@ -248,7 +241,7 @@ def _rolled(array, batch_size, shift):
 
 
 def _threat_row(run, mode, batch_size, attacker, clean, robust, attack):
-    return {"run": run_label(run), "bn_mode": mode, "batch_size": batch_size,
+    return {"run": run.label, "bn_mode": mode, "batch_size": batch_size,
             "attacker": attacker, "num_attacked": int(robust.size),
             "clean": float(np.mean(clean)), attack: float(np.mean(robust))}
 
@@ -261,7 +254,7 @@ def batch_study(run, bn_modes, *, num_examples=None, batch_sizes=BATCH_SIZES,
     multiple = int(np.lcm.reduce([*batch_sizes, batch_size]))
     images, labels = run.test_set(num_examples, multiple_of=multiple)
     return {
-        "run": run_label(run), "model": run.name,
+        "run": run.label, "model": run.architecture,
         "workdir": run.workdir, "epoch": run.epoch, "attack": attack,
         "num_examples": len(images),
         "batch_size": batch_size_rows(run, images, labels, bn_modes, batch_sizes,

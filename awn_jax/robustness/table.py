@@ -13,12 +13,16 @@ import numpy as np
 import tqdm
 
 from awn_jax import reports
-from awn_jax.evaluation import EVAL_BN_MODES, check_bn_modes
 from awn_jax.model import architecture_options
 from awn_jax.nn import counting
+from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.robustness import attacks
 
-__all__ = ["EVAL_BN_MODES", "check_bn_modes", "evaluate_run", "format_table", "write_report"]
+__all__ = ["evaluate_run", "format_table", "write_report"]
+
+# Each column's random key (attacks.named_key): frozen, the column's position in the full
+# table when keys were positional, so a table of one attack gets the numbers it has there.
+KEY_IDS = {"clean": 0, "fgsm": 1, "bim": 2, "pgd": 3, "mim": 4, "rfgsm": 5}
 
 
 def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size=None,
@@ -40,12 +44,12 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
     accuracy = {mode: {} for mode in bn_modes}
     batches = sum(len(labels[rows]) // size for rows, size in parts if labels[rows].size)
     with tqdm.tqdm(total=len(bn_modes) * (1 + len(attack_names)) * batches,
-                   disable=not show_progress, desc=run.name, unit="batch") as progress:
+                   disable=not show_progress, desc=run.architecture, unit="batch") as progress:
         for mode in bn_modes:
-            for position, name in enumerate((None, *attack_names)):
+            for name in (None, *attack_names):
                 progress.set_postfix_str(f"{mode}: {name or 'clean'}")
                 attack, args = configured.get(name, (None, ()))
-                key = jax.random.fold_in(jax.random.key(seed), position)
+                key = attacks.named_key(seed, name or "clean", KEY_IDS)
                 correct = 0
                 for part, (rows, size) in enumerate(parts):
                     if labels[rows].size:  # the smaller last batch gets keys of its own
@@ -55,7 +59,7 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                             key=jax.random.fold_in(key, part), on_batches=progress.update)
                         correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
                 accuracy[mode][name or "clean"] = correct / len(images)
-    return [{"model": run.name, "workdir": run.workdir, "epoch": run.epoch,
+    return [{"model": run.architecture, "workdir": run.workdir, "epoch": run.epoch,
              "bn_stats": run.bn_stats.label(), "bn_mode": mode,
              "num_examples": len(images), "mul": cost.mul, "add": cost.add,
              **accuracy[mode], "settings": {k: v for k, v in settings.items() if v is not None}}

@@ -33,12 +33,11 @@ from flax import nnx
 
 from awn_jax.bn_statistics import bn_layers, bn_paths
 from awn_jax.data import transforms
-from awn_jax.evaluation import check_bn_modes
+from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.model import fill_named, named_leaves, with_bn_mode
 from awn_jax.nn.batchnorm import intercept
 from awn_jax.reports import new_figure
-from awn_jax.robustness.studies import run_label, single_class_order
-from awn_jax.stability.common import run_label as model_label
+from awn_jax.robustness.studies import single_class_order
 
 VARIANCE_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
 BATCH_SIZES = (50, 100, 200, 500, 2000)
@@ -205,7 +204,7 @@ def diagnose(run, images, labels, *, bn_modes=("tracked", "running-mean"),
     among ``bn_modes`` and the augmentation trigger."""
     batch_modes = [m for m in bn_modes if m != "tracked"] or ["running-mean"]
     return {
-        "run": run_label(run), "model": model_label(run.config), "epoch": run.epoch,
+        "run": run.label, "model": run.paper_name, "epoch": run.epoch,
         "bn_stats": run.bn_stats.label(), "bn_stats_description": run.bn_stats.describe(),
         "num_examples": len(images), "batch_size": batch_size,
         "ratios": {mode: variance_ratios(run, images, bn_mode=mode, batch_size=batch_size)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from awn_jax import names
 from awn_jax.errors import UserError
 from awn_jax.reports import new_figure
-from awn_jax.stability.common import run_label, unique_labels
+from awn_jax.stability.common import unique_labels
 from awn_jax.training import checkpointing
 from awn_jax.training.metrics import read_metrics
 
@@ -28,7 +29,7 @@ def collect(workdirs) -> list[dict]:
     """One entry per run: its per-epoch series and their jumps."""
     labels, metrics = [], []
     for workdir in workdirs:
-        labels.append(run_label(checkpointing.load_config_dict(workdir)))
+        labels.append(names.paper_name(checkpointing.load_config_dict(workdir)["layer_type"]))
         metrics.append(read_metrics(workdir))
         if not metrics[-1]:
             raise UserError(f"{workdir} has no metrics.jsonl (or it is empty)")

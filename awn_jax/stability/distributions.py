@@ -26,7 +26,7 @@ from awn_jax.model import bn_drift, named_leaves, with_bn_mode
 from awn_jax.nn import Conv2d
 from awn_jax.nn.layers import record_calls
 from awn_jax.reports import new_figure
-from awn_jax.stability.common import run_label, unique_labels
+from awn_jax.stability.common import unique_labels
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def analyze_run(runs, *, layers=None, num_images=256, bn_mode="tracked", bins=60
     previous, label, images, workdir = None, None, None, None
     for run in runs:
         if images is None:
-            label, workdir = run_label(run.config), run.workdir
+            label, workdir = run.paper_name, run.workdir
             images = next(run.dataset.test_batches(num_images, num_examples=num_images))["image"]
             layers = layers or default_layers(
                 [n for n, _ in block_layers(nnx.merge(run.graphdef, run.params,

@@ -17,12 +17,11 @@ import os
 
 import numpy as np
 
-from awn_jax import reports
+from awn_jax import names, reports
 from awn_jax.bn_statistics import BNStats
-from awn_jax.evaluation import EVAL_BN_MODES
 from awn_jax.model import named_leaves
+from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.reports import new_figure
-from awn_jax.stability.common import run_label
 from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
 
@@ -95,7 +94,8 @@ def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=No
             lambda run=run: record_epoch(run, settings, evaluator)))
         if progress is not None:
             progress(epoch)
-    return {"model": run_label(checkpointing.load_config_dict(workdir)), "workdir": workdir,
+    layer_type = checkpointing.load_config_dict(workdir)["layer_type"]
+    return {"model": names.paper_name(layer_type), "workdir": workdir,
             "settings": dataclasses.asdict(settings), "records": records}
 
 

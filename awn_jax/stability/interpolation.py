@@ -29,7 +29,6 @@ from awn_jax import bn_statistics
 from awn_jax.errors import UserError
 from awn_jax.evaluation import Evaluator
 from awn_jax.reports import new_figure
-from awn_jax.stability.common import run_label
 
 BN_STATS = ("interpolate", "reestimate")
 
@@ -74,7 +73,7 @@ def interpolate_run(run_a, run_b, *, num_points: int = 9, bn_stats: str = "inter
         points.append(evaluator.loss_and_accuracy(test, bn_mode=bn_mode, params=params,
                                                   batch_stats=stats))
     return {
-        "model": run_label(run_a.config), "workdir": run_a.workdir,
+        "model": run_a.paper_name, "workdir": run_a.workdir,
         "epoch_a": run_a.epoch, "epoch_b": run_b.epoch, "bn_stats": bn_stats,
         "bn_mode": bn_mode, "num_examples": points[0]["num_examples"],
         "reestimate_batches": len(train),

@@ -34,7 +34,6 @@ from flax import nnx
 from awn_jax.model import named_leaves, with_bn_mode
 from awn_jax.nn.layers import record_calls
 from awn_jax.stability import variance_theory as theory
-from awn_jax.stability.common import run_label
 from awn_jax.stability.distributions import block_layers, fit_laplace
 
 _RECTIFIED_VARIANCE = 0.5 - 1.0 / (2.0 * math.pi)  # Var[max(0, y)] / sigma^2, Eq. 5
@@ -104,7 +103,7 @@ def analyze(run, images, *, bn_mode: str = "tracked", batch_size: int = 500) -> 
             "bn_var_pooled": float(bn_var.mean() + bn_mean.var()),
             "bn_var_per_channel": float(bn_var.mean()),
         })
-    return {"run": run.workdir, "model": run_label(run.config), "epoch": run.epoch,
+    return {"run": run.label, "model": run.paper_name, "epoch": run.epoch,
             "bn_mode": bn_mode, "num_examples": len(images), "layers": rows}
 
 

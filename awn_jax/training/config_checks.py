@@ -19,8 +19,8 @@ from collections.abc import Iterable
 
 from awn_jax import data, model
 from awn_jax.errors import UserError
-from awn_jax.evaluation import EVAL_BN_MODES
 from awn_jax.nn import ARCHITECTURES, HEADS, LAYER_TYPES, SHORTCUTS
+from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.training.optimizer import LR_SCHEDULES
 
 

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from awn_jax import data
 from awn_jax.distributed import make_mesh, under_mesh
 from awn_jax.errors import NonFiniteLossError, UserError
-from awn_jax.evaluation import Evaluator, check_bn_modes
+from awn_jax.evaluation import Evaluator
+from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.model import apply_model, bn_drift, cross_entropy
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from awn_jax import bn_statistics, data
+from awn_jax import bn_statistics, data, names
 from awn_jax.errors import UserError
 from awn_jax.evaluation import Evaluator
 from awn_jax.model import apply_model, named_leaves, with_bn_mode
@@ -33,7 +34,20 @@ class Run:
     bn_stats: bn_statistics.BNStats = bn_statistics.BNStats()  # what batch_stats holds
 
     @property
-    def name(self) -> str:
+    def label(self) -> str:
+        """The run's one name in reports, progress bars and cache files: the workdir's last
+        component (two runs of one architecture differ in it), with the BN statistics when
+        they are not the trained ones (``cifar10_r20_awn+reestimate-10000``)."""
+        label = os.path.basename(os.path.normpath(self.workdir))
+        return f"{label}+{self.bn_stats.label()}" if self.bn_stats.reestimated else label
+
+    @property
+    def paper_name(self) -> str:
+        """The paper's name of the model: CNN, ANN, ANN-WS, ANN-AWN."""
+        return names.paper_name(self.config.layer_type)
+
+    @property
+    def architecture(self) -> str:
         return f"{self.config.model}-{self.config.layer_type}"
 
     def with_bn_stats(self, settings: bn_statistics.BNStats) -> Run:
