@@ -214,6 +214,27 @@ def test_reordering_the_checklist_changes_no_number(tiny_run, monkeypatch):  # n
                                   budgets=reordered.Budgets(**budgets), **settings) == study
 
 
+def test_only_squares_parts_depend_on_squares_window_rule(tiny_run, tmp_path,  # noqa: F811
+                                                           monkeypatch):
+    """A change of attacks.SQUARE_CORNERS recomputes the Square parts and nothing else."""
+    budgets = strict.Budgets(apgd_steps=2, square_queries=5, eot_attacked=4, eot_draws=1,
+                             eot_steps=1, mate_steps=1, mate_sizes=(4,), control_batch_size=8)
+    settings = dict(num_examples=32, batch_size=BATCH, eps=0.1, step_size=0.025,
+                    budgets=budgets, show_progress=False, cache_dir=str(tmp_path))
+    first = strict.strict_study(tiny_run, ["running-mean"], **settings)
+    evaluated, logits = [], Evaluator.logits
+
+    def counted_logits(self, *args, **kwargs):
+        evaluated.append(kwargs.get("attack"))
+        return logits(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "logits", counted_logits)
+    monkeypatch.setattr(strict.attacks, "SQUARE_CORNERS", "another rule")
+    second = strict.strict_study(tiny_run, ["running-mean"], **settings)
+    assert [attack.name for attack in evaluated] == ["square"]
+    assert second["square_corners"] == "another rule" != first["square_corners"]
+
+
 def test_scoring_the_mates_needs_attacker_images_and_mates(run, data):
     images, labels = data
     for attacked in (None, BATCH):

@@ -123,7 +123,11 @@ class _Study:
             result = compute()
         else:
             stem = _portable(f"{self.run.label}-{mode}-{name}")
-            result = reports.cached(self.cache_dir, stem, {"settings": self.settings}, compute)
+            # Only Square's parts depend on how Square draws its windows (parts cached before
+            # the rule was recorded stay valid for every other check).
+            square = {"square_corners": attacks.SQUARE_CORNERS} if name == "square" else {}
+            result = reports.cached(self.cache_dir, stem, {"settings": self.settings, **square},
+                                    compute)
         self.progress.update()
         return result
 
@@ -246,7 +250,6 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                 "epoch": run.epoch, "weights_sha256": run.weights_sha256,
                 "num_examples": len(images), "batch_size": batch_size,
                 "eps": eps, "step_size": step_size, "seed": seed,
-                "square_corners": attacks.SQUARE_CORNERS,
                 "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
                             "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}
     parts = len(CHECKS) - 1 + len(settings["budgets"]["mate_sizes"]) + 3  # worst: no part
@@ -257,7 +260,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                        cache_dir=cache_dir, progress=progress)
         modes = {mode: {"checks": study.checklist(mode), "harm": study.harm(mode),
                         "controls": study.controls(mode)} for mode in bn_modes}
-    return {**settings, "modes": modes}
+    return {**settings, "square_corners": attacks.SQUARE_CORNERS, "modes": modes}
 
 
 # ------------------------------------------------------------------------------ report
