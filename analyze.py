@@ -1,23 +1,23 @@
 """Stability and variance studies of training runs (the paper's Fig. 1-3, Sec. 3).
 
     python analyze.py --study all --workdir workdirs/cpu/r20_ann --workdir workdirs/cpu/r20_awn \
-        --data-dir /work/data --num-examples 1000 --output-dir docs/figures
+        --data_dir /work/data --num_examples 1000 --output_dir docs/figures
 
 Studies (``--study``, comma-separated, or ``all``: the paper's, the first four):
-  interpolation    accuracy/loss between checkpoints --epoch-a and --epoch-b of each run
+  interpolation    accuracy/loss between checkpoints --epoch_a and --epoch_b of each run
   curves           test loss/accuracy per epoch from each run's metrics.jsonl
   distributions    weights, features before BN and BN statistics over saved epochs
   variance-theory  Monte Carlo check of Sec. 3 (needs no workdir)
   bn-diagnostics   why "-R" collapses: per BN layer the fit of the stored variances and the
                    variance gain, accuracy against scaled variances and the evaluation batch
-                   (workdirs and --pretrained models; --bn-stats picks the statistics)
+                   (workdirs and --pretrained models; --bn_stats picks the statistics)
   epoch-records    per saved epoch: clean accuracy under every BN mode with the trained and
-                   re-estimated statistics, AWN's nu/upsilon movement (--num-examples test
-                   images, default 2000; statistics re-estimated as --bn-stats asks, by
+                   re-estimated statistics, AWN's nu/upsilon movement (--num_examples test
+                   images, default 2000; statistics re-estimated as --bn_stats asks, by
                    default on 2000 images; kept in <workdir>/records/)
   layer-variance   Sec. 3 on a trained adder network: per adder layer the kernel, input and
                    output statistics against Eq. 7-8 (workdirs and --pretrained models)
-Each writes stability_<study>.json and .png into --output-dir (default: the first workdir);
+Each writes stability_<study>.json and .png into --output_dir (default: the first workdir);
 bn-diagnostics writes bn_diagnostics[+<statistics>].json/.md/.png.
 """
 
@@ -42,39 +42,39 @@ _STUDY = flags.DEFINE_list("study", ["all"], f"Studies to run: {', '.join(STUDIE
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "Training workdir(s), compared in one figure.")
 _PRETRAINED = flags.DEFINE_multi_string("pretrained", [], "bn-diagnostics: shipped model(s) "
                                         "(awn_jax.pretrained), beside the workdirs.")
-_DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
-_OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write (default: first workdir).")
-_BATCH_SIZE = flags.DEFINE_integer("batch-size", 500, "Test batch size.", lower_bound=1)
-_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", None, "Test examples (default: all).",
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data location, if it moved since training.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write (default: first workdir).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 500, "Test batch size.", lower_bound=1)
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Test examples (default: all).",
                                      lower_bound=1)
-_BN_MODE = flags.DEFINE_string("bn-mode", "tracked", "BN mode for scoring and features.")
-_EPOCH_A = flags.DEFINE_integer("epoch-a", None, "Interpolation start (default: second last).",
+_BN_MODE = flags.DEFINE_string("bn_mode", "tracked", "BN mode for scoring and features.")
+_EPOCH_A = flags.DEFINE_integer("epoch_a", None, "Interpolation start (default: second last).",
                                 lower_bound=1)
-_EPOCH_B = flags.DEFINE_integer("epoch-b", None, "Interpolation end (default: last epoch).",
+_EPOCH_B = flags.DEFINE_integer("epoch_b", None, "Interpolation end (default: last epoch).",
                                 lower_bound=1)
-_NUM_POINTS = flags.DEFINE_integer("num-points", 9, "Interpolated models between the ends.",
+_NUM_POINTS = flags.DEFINE_integer("num_points", 9, "Interpolated models between the ends.",
                                    lower_bound=0)
 _PATH_BN_STATS = flags.DEFINE_enum(
-    "path-bn-stats", "both", ["interpolate", "reestimate", "both"],
+    "path_bn_stats", "both", ["interpolate", "reestimate", "both"],
     "interpolation: BN statistics along the path (see stability.interpolation).")
-_REESTIMATE_BATCHES = flags.DEFINE_integer("reestimate-batches", 10,
+_REESTIMATE_BATCHES = flags.DEFINE_integer("reestimate_batches", 10,
                                            "Training batches per BN re-estimation.", lower_bound=1)
 _EPOCHS = flags.DEFINE_list("epochs", None, "Epochs for distributions (default: all saved).")
 _LAYERS = flags.DEFINE_list("layers", None, "Layers for feature histograms, e.g. "
                             "stages.0.0.conv1 (default: first and last in the stages).")
-_FEATURE_IMAGES = flags.DEFINE_integer("feature-images", 256, "Test images for features.",
+_FEATURE_IMAGES = flags.DEFINE_integer("feature_images", 256, "Test images for features.",
                                        lower_bound=1)
 _BINS = flags.DEFINE_integer("bins", 60, "Histogram bins.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of feature sampling and the Monte Carlo.",
                              lower_bound=0)
 _BN_STATS = cli.define_bn_stats_flags()  # bn-diagnostics: the statistics diagnosed
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
-_BN_MODES = flags.DEFINE_list("diagnostic-bn-modes", ["tracked", "running-mean"],
+_BN_MODES = flags.DEFINE_list("diagnostic_bn_modes", ["tracked", "running-mean"],
                               "bn-diagnostics: the BN modes whose variance ratios are measured.")
 _SINGLE_CLASS_BATCH = flags.DEFINE_integer(
-    "single-class-batch", 100, "bn-diagnostics: batch of the single-class (and mixed) "
+    "single_class_batch", 100, "bn-diagnostics: batch of the single-class (and mixed) "
     "control batches.", lower_bound=2)
-_THEORY_SAMPLES = flags.DEFINE_integer("theory-samples", 20_000, "Monte Carlo draws per check.",
+_THEORY_SAMPLES = flags.DEFINE_integer("theory_samples", 20_000, "Monte Carlo draws per check.",
                                        lower_bound=1)
 
 
@@ -140,7 +140,7 @@ def _distributions(workdirs, output_dir) -> None:
 
 def _models(workdirs):
     """The latest checkpoint of each workdir and the --pretrained models, with the BN
-    statistics --bn-stats asks for."""
+    statistics --bn_stats asks for."""
     loaded = [load_run(w, data_dir=_DATA_DIR.value) for w in workdirs]
     loaded += [pretrained.load(name, data_dir=_DATA_DIR.value) for name in _PRETRAINED.value]
     return [run.with_bn_stats(_BN_STATS(_BATCH_SIZE.value)) for run in loaded]
@@ -203,7 +203,7 @@ def main(argv):
                            "--pretrained)" if set(needing) & set(MODEL_STUDIES) else ""))
     output_dir = _OUTPUT_DIR.value or (workdirs[0] if workdirs else None)
     if output_dir is None:
-        raise UserError("pass --output-dir (or a --workdir to write into)")
+        raise UserError("pass --output_dir (or a --workdir to write into)")
     if "curves" in studies:
         results = curves.collect(workdirs)
         _write(output_dir, "curves", results, ("", curves.plot(results)))

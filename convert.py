@@ -2,9 +2,9 @@
 a shipped-model ``.npz`` of this project (awn_jax.pretrained), checked as it is written.
 
     pip install -e '.[torch]'          # reading .pth files needs PyTorch (the CPU build)
-    python convert.py ResNet20-AdderNet.pth --name my_addernet_r20 --output-dir my_models
-    python convert.py resnet20-12fca82f.th --name my_cnn --output-dir my_models \\
-        --data-dir ~/cifar10 --num-examples 2000        # + clean accuracy per BN mode
+    python convert.py ResNet20-AdderNet.pth --name my_addernet_r20 --output_dir my_models
+    python convert.py resnet20-12fca82f.th --name my_cnn --output_dir my_models \\
+        --data_dir ~/cifar10 --num_examples 2000        # + clean accuracy per BN mode
 
 Accepted (the family and depth are read off the names and shapes): huawei-noah/AdderNet's
 ``resnet20.py`` and ``resnet50.py`` state_dicts (adder kernels ``*.adder``; ResNet-50 is the
@@ -33,11 +33,11 @@ from configs import default  # noqa: E402  (the repository's default config)
 
 _NAME = flags.DEFINE_string("name", None, "Name of the converted model (file NAME.npz).",
                             required=True)
-_OUTPUT_DIR = flags.DEFINE_string("output-dir", pretrained.WEIGHTS_DIR,
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", pretrained.WEIGHTS_DIR,
                                   "Where NAME.npz and manifest.json go.")
-_DATA_DIR = flags.DEFINE_string("data-dir", None, "CIFAR-10 image folder: measure the clean "
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 image folder: measure the clean "
                                 "accuracy per BN mode and record it in the manifest.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num-examples", 2000, "Test images for the accuracy.",
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 2000, "Test images for the accuracy.",
                                      lower_bound=1)
 _PROVENANCE = flags.DEFINE_string("provenance", None, "JSON file of facts about the source "
                                   "(repository, commit, license, stated accuracy, recipe) to "

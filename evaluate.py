@@ -1,12 +1,12 @@
 """Accuracy of trained runs under white-box attacks and BatchNorm statistics modes.
 
-    python evaluate.py --attack pgd --bn-mode running-mean --workdir workdirs/cifar10_r20_awn
-    python evaluate.py --attack all --bn-mode all --workdir A --workdir B --num-examples 1000
-    python evaluate.py --study eps-sweep --bn-mode running-mean --workdir A --workdir B
-    python evaluate.py --study batch --bn-mode all --workdir A
-    python evaluate.py --study strict --bn-mode all --workdir A --num-examples 1000
+    python evaluate.py --attack pgd --bn_mode running-mean --workdir workdirs/cifar10_r20_awn
+    python evaluate.py --attack all --bn_mode all --workdir A --workdir B --num_examples 1000
+    python evaluate.py --study eps-sweep --bn_mode running-mean --workdir A --workdir B
+    python evaluate.py --study batch --bn_mode all --workdir A
+    python evaluate.py --study strict --bn_mode all --workdir A --num_examples 1000
 
---study picks what is measured (all of it written into --output-dir, default: the first
+--study picks what is measured (all of it written into --output_dir, default: the first
 workdir):
   table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1):
                robustness.json/.md
@@ -22,16 +22,16 @@ workdir):
                strict.json/.md/.png (docs/ROBUSTNESS.md, "Strict evaluation"); each
                finished part is kept in strict-parts/, so the same command, restarted
                after a kill, goes on where it stopped
---bn-stats reestimate (or reestimate-running-mean) evaluates every run with BatchNorm
-statistics re-estimated on --bn-stats-images training images instead of the running averages
+--bn_stats reestimate (or reestimate-running-mean) evaluates every run with BatchNorm
+statistics re-estimated on --bn_stats_images training images instead of the running averages
 of training (awn_jax.bn_statistics; computed once, kept in <workdir>/bn_stats/); the reports
 name the statistics used.
 A detection workdir (trained from a configs/voc_frcnn_* config) gets its VOC mAP and
-per-class AP table instead (detection_eval.json/.md; --epoch, --data-dir, --num-examples
-and --output-dir apply). Without --workdir, the --config file's workdir is used;
+per-class AP table instead (detection_eval.json/.md; --epoch, --data_dir, --num_examples
+and --output_dir apply). Without --workdir, the --config file's workdir is used;
 --pretrained NAME evaluates a shipped model instead (awn_jax.pretrained; its test images
-from --data-dir, or TFDS), by default on the test images its manifest's accuracies were
-measured on, with the report in awn-reports/NAME/ unless --output-dir says otherwise.
+from --data_dir, or TFDS), by default on the test images its manifest's accuracies were
+measured on, with the report in awn-reports/NAME/ unless --output_dir says otherwise.
 Every study prints where its report went.
 """
 
@@ -61,61 +61,61 @@ _STUDY = flags.DEFINE_string("study", "table",
 _ATTACK = flags.DEFINE_string(
     "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
     "The sweeps are PGD; the batch study uses this one attack (default pgd) at the "
-    "paper's settings (--eps/--steps/--step-size are for the table and the sweeps).")
-_BN_MODE = flags.DEFINE_list("bn-mode", ["all"], "tracked | running-mean | running, or a "
+    "paper's settings (--eps/--steps/--step_size are for the table and the sweeps).")
+_BN_MODE = flags.DEFINE_list("bn_mode", ["all"], "tracked | running-mean | running, or a "
                              "comma-separated list of them, or all.")
 _EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).", lower_bound=0)
 _STEPS = flags.DEFINE_integer("steps", None, "Iterations (default: per attack, as the paper).",
                               lower_bound=0)
-_STEP_SIZE = flags.DEFINE_float("step-size", None, "Step size (default 2/255).", lower_bound=0)
+_STEP_SIZE = flags.DEFINE_float("step_size", None, "Step size (default 2/255).", lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch-size", None, "Evaluation batch (BN statistics!); default 500, and 128 for the "
+    "batch_size", None, "Evaluation batch (BN statistics!); default 500, and 128 for the "
     "partitions and threat models of the batch study.", lower_bound=1)
 _NUM_EXAMPLES = flags.DEFINE_integer(
-    "num-examples", None, "Test examples (default: all; for --pretrained, those its manifest's "
+    "num_examples", None, "Test examples (default: all; for --pretrained, those its manifest's "
     "accuracies were measured on).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.", lower_bound=0)
 _EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the latest).",
                               lower_bound=1)
-_DATA_DIR = flags.DEFINE_string("data-dir", None, "Data location, if it moved since training.")
-_OUTPUT_DIR = flags.DEFINE_string("output-dir", None, "Where to write the report (default: "
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data location, if it moved since training.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the report (default: "
                                   "the first workdir; awn-reports/NAME for --pretrained).")
-_EPS_VALUES = flags.DEFINE_list("eps-values", [f"{e:g}" for e in studies.SWEEP_EPS],
+_EPS_VALUES = flags.DEFINE_list("eps_values", [f"{e:g}" for e in studies.SWEEP_EPS],
                                 "eps-sweep: the eps values.")
-_STEPS_VALUES = flags.DEFINE_list("steps-values", [str(s) for s in studies.SWEEP_STEPS],
+_STEPS_VALUES = flags.DEFINE_list("steps_values", [str(s) for s in studies.SWEEP_STEPS],
                                   "steps-sweep: the step counts.")
-_BATCH_SIZES = flags.DEFINE_list("batch-sizes", [str(b) for b in studies.BATCH_SIZES],
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", [str(b) for b in studies.BATCH_SIZES],
                                  "batch study: the evaluation batch sizes.")
 _PARTITIONS = flags.DEFINE_integer("partitions", 5, "batch study: random partitions.",
                                    lower_bound=1)
-_ATTACKED = flags.DEFINE_list("attacked-per-batch", None,
+_ATTACKED = flags.DEFINE_list("attacked_per_batch", None,
                               "batch study: images the attacker controls per batch "
-                              "(default: 1, 10% and all of --batch-size); strict study: "
+                              "(default: 1, 10% and all of --batch_size); strict study: "
                               "the harm curve's k (default: 1, 5%, 10%, 25%).")
-_PASSES = flags.DEFINE_integer("threat-passes", 8, "batch study: rotations of the attacked "
+_PASSES = flags.DEFINE_integer("threat_passes", 8, "batch study: rotations of the attacked "
                                "slots per batch (more attacked examples, more time).",
                                lower_bound=1)
-_CHUNK = flags.DEFINE_integer("chunk-size", 512, "Studies: examples per compiled call.",
+_CHUNK = flags.DEFINE_integer("chunk_size", 512, "Studies: examples per compiled call.",
                               lower_bound=1)
-_APGD_STEPS = flags.DEFINE_integer("apgd-steps", 100, "strict: APGD-CE/-DLR iterations.")
-_SQUARE_QUERIES = flags.DEFINE_integer("square-queries", 5000,
+_APGD_STEPS = flags.DEFINE_integer("apgd_steps", 100, "strict: APGD-CE/-DLR iterations.")
+_SQUARE_QUERIES = flags.DEFINE_integer("square_queries", 5000,
                                        "strict: Square's query budget per image.")
-_TRANSFER = flags.DEFINE_string("transfer-attack", "pgd",
+_TRANSFER = flags.DEFINE_string("transfer_attack", "pgd",
                                 "strict: attack crafted under tracked, scored in the batch.")
-_EOT_ATTACKED = flags.DEFINE_integer("eot-attacked", None, "strict: images per batch "
+_EOT_ATTACKED = flags.DEFINE_integer("eot_attacked", None, "strict: images per batch "
                                      "crafted by EOT over random partners (default 10%).")
-_EOT_DRAWS = flags.DEFINE_integer("eot-draws", 4, "strict: partner batches per EOT step.")
-_EOT_STEPS = flags.DEFINE_integer("eot-steps", 10, "strict: EOT's PGD steps.")
-_MATE_STEPS = flags.DEFINE_integer("mate-steps", 20, "strict: steps of the batch-mate "
+_EOT_DRAWS = flags.DEFINE_integer("eot_draws", 4, "strict: partner batches per EOT step.")
+_EOT_STEPS = flags.DEFINE_integer("eot_steps", 10, "strict: EOT's PGD steps.")
+_MATE_STEPS = flags.DEFINE_integer("mate_steps", 20, "strict: steps of the batch-mate "
                                    "attack (step eps/4).")
-_MATE_UNBOUNDED = flags.DEFINE_bool("mate-unbounded", False, "strict: the batch-mate "
+_MATE_UNBOUNDED = flags.DEFINE_bool("mate_unbounded", False, "strict: the batch-mate "
                                     "attacker's images are free in [0, 1], not in the ball.")
 _BN_STATS = cli.define_bn_stats_flags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
-_CONTROL_BATCH = flags.DEFINE_integer("control-batch-size", 50, "strict: size of the "
+_CONTROL_BATCH = flags.DEFINE_integer("control_batch_size", 50, "strict: size of the "
                                       "single-class (and matching mixed) control batches.")
 
-PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output-dir: awn-reports/<names>
+PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output_dir: awn-reports/<names>
 STUDIES = ("table", "eps-sweep", "steps-sweep", "batch", "strict")
 
 

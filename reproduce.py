@@ -40,7 +40,7 @@ _TRAIN_SECONDS = flags.DEFINE_float(
 _ARCHIVE = flags.DEFINE_string(
     "archive", "", "Also write a .tar.gz of what resuming elsewhere needs (configs, metrics, "
     "the latest and the studies' checkpoints, the report).")
-_BN_STATS = cli.define_bn_stats_flags(separator="_")  # of the table and the sweeps
+_BN_STATS = cli.define_bn_stats_flags()  # of the table and the sweeps
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
 _PARALLEL = flags.DEFINE_bool("parallel", False,
                               "Train the four runs at once, one process each (a GPU).")

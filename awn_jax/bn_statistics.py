@@ -242,7 +242,7 @@ def statistics_for_run(run, settings: BNStats, *, show_progress: bool = True):
         return run.batch_stats
     if run.dataset is None:
         raise UserError(f"{run.workdir}: re-estimating BN statistics needs the training images "
-                        "(pass the data directory, e.g. --data-dir)")
+                        "(pass the data directory, e.g. --data_dir)")
     key = json.dumps({"weights_sha256": run.weights_sha256, **dataclasses.asdict(settings)},
                      sort_keys=True)
     directory = (os.path.join(run.workdir, "bn_stats") if os.path.isdir(run.workdir)

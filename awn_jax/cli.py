@@ -44,7 +44,32 @@ def _load_config_files(flag_values) -> None:
                          f"{config_flags.get_config_filename(flag)}: {reason}")
 
 
+def _underscored(argv, flag_values) -> list[str]:
+    """``argv`` with the dashed spellings of earlier versions (``--data-dir``, ``--nobn-stats-
+    augment``) as the flags are named now (absl's ``--data_dir``), one notice per flag."""
+    result, renamed = [], []
+    for position, arg in enumerate(argv):
+        if arg == "--":
+            return result + argv[position:]
+        name, equals, value = arg.partition("=")
+        bare = name[2:]
+        for prefix in ("", "no"):
+            dashed = bare[len(prefix):]
+            if (name.startswith("--") and "-" in dashed and bare.startswith(prefix)
+                    and dashed not in flag_values and dashed.replace("-", "_") in flag_values):
+                new = "--" + prefix + dashed.replace("-", "_")
+                if new not in renamed:
+                    renamed.append(new)
+                    print(f"note: {name} is now spelled {new}; the dashed spelling will go",
+                          file=sys.stderr)
+                arg = new + equals + value
+                break
+        result.append(arg)
+    return result
+
+
 def _parse_flags(argv):
+    argv = _underscored(argv, flags.FLAGS)
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
@@ -72,24 +97,21 @@ def run(main) -> None:
     app.run(guarded, flags_parser=_parse_flags)
 
 
-def define_bn_stats_flags(separator: str = "-"):
-    """Define ``--bn-stats``, ``--bn-stats-images`` and ``--bn-stats-augment`` (with
-    ``separator`` between the words); returns ``batch_size -> BNStats`` of their values
-    (``batch_size``: the evaluation batch, which "-R" statistics are estimated for)."""
-    def name(*words):
-        return separator.join(words)
-
+def define_bn_stats_flags():
+    """Define ``--bn_stats``, ``--bn_stats_images`` and ``--bn_stats_augment``; returns
+    ``batch_size -> BNStats`` of their values (``batch_size``: the evaluation batch, which
+    "-R" statistics are estimated for)."""
     source = flags.DEFINE_enum(
-        name("bn", "stats"), "trained", list(SOURCES),
+        "bn_stats", "trained", list(SOURCES),
         "BatchNorm statistics: trained (the running averages of training), reestimate "
         "(population statistics of training images, layer by layer) or "
         "reestimate-running-mean (the same under the -R forward, at the evaluation batch); "
         "re-estimated ones are computed once and kept beside the run's "
         "(awn_jax.bn_statistics).")
-    images = flags.DEFINE_integer(name("bn", "stats", "images"), 10_000,
+    images = flags.DEFINE_integer("bn_stats_images", 10_000,
                                   "Training images for re-estimated BN statistics.",
                                   lower_bound=2)
-    augment = flags.DEFINE_bool(name("bn", "stats", "augment"), False,
+    augment = flags.DEFINE_bool("bn_stats_augment", False,
                                 "Re-estimate BN statistics on augmented training images "
                                 "(crop + flip).")
     return lambda batch_size: BNStats(source.value, num_images=images.value,

@@ -76,20 +76,20 @@ log "phase 3: evaluation (parallel processes)"
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_adder.py \
   -k pallas_compiled_gpu > "$out/eval/pytest_compiled_gpu.log" 2>&1 &
 evaluate() { local name=$1; shift
-  timeout 240 python3 evaluate.py --data-dir "$data" --output-dir "$out/eval/$name" "$@" \
+  timeout 240 python3 evaluate.py --data_dir "$data" --output_dir "$out/eval/$name" "$@" \
     > "$out/eval/$name.log" 2>&1; echo "$name: exit $?"; }
 runs=(); for w in "$@"; do
   runs+=(--workdir "$w"); run=$(basename "$w")
   # One process per run and study: a process that overruns loses only its own results.
-  evaluate "table_$run" --workdir "$w" --study table --attack all --bn-mode all \
-    --num-examples 5000 &
-  evaluate "batch_$run" --workdir "$w" --study batch --bn-mode tracked,running-mean \
-    --num-examples 2048 &
+  evaluate "table_$run" --workdir "$w" --study table --attack all --bn_mode all \
+    --num_examples 5000 &
+  evaluate "batch_$run" --workdir "$w" --study batch --bn_mode tracked,running-mean \
+    --num_examples 2048 &
 done
-evaluate eps_sweep "${runs[@]}" --study eps-sweep --bn-mode tracked,running-mean \
-  --num-examples 1000 &
-evaluate steps_sweep "${runs[@]}" --study steps-sweep --bn-mode tracked,running-mean \
-  --num-examples 1000 &
+evaluate eps_sweep "${runs[@]}" --study eps-sweep --bn_mode tracked,running-mean \
+  --num_examples 1000 &
+evaluate steps_sweep "${runs[@]}" --study steps-sweep --bn_mode tracked,running-mean \
+  --num_examples 1000 &
 wait
 tail -n 25 "$out"/eval/*.log
 tar czf "$out/eval.tgz" -C "$out" eval && rm -rf "$out/eval"
@@ -106,13 +106,13 @@ python3 -c 'import tqdm, matplotlib' || echo "phase 6 needs tqdm and matplotlib:
 if [[ ! -d $data/test && -f gpu_payload/cifar10.jpack.npz ]]; then  # see gpu_reproduce.sh
   python3 -m awn_jax.data.jpeg_pack unpack gpu_payload/cifar10.jpack.npz "$data"
 fi
-strict_args=${STRICT_ARGS:---num-examples 2000 --batch-size 500 --apgd-steps 100 \
---square-queries 1000 --eot-attacked 50 --eot-draws 4 --eot-steps 10 --mate-steps 10 \
---control-batch-size 50}
+strict_args=${STRICT_ARGS:---num_examples 2000 --batch_size 500 --apgd_steps 100 \
+--square_queries 1000 --eot_attacked 50 --eot_draws 4 --eot_steps 10 --mate_steps 10 \
+--control_batch_size 50}
 for model in cifar10_r20_awn cifar10_r20_ann cifar10_r20_ws cifar10_r20_cnn; do
   # shellcheck disable=SC2086  # strict_args is a list of flags
-  timeout 540 python3 evaluate.py --study strict --bn-mode all --pretrained "$model" \
-    --data-dir "$data" $strict_args --output-dir "$out/strict/$model" \
+  timeout 540 python3 evaluate.py --study strict --bn_mode all --pretrained "$model" \
+    --data_dir "$data" $strict_args --output_dir "$out/strict/$model" \
     > "$out/strict_$model.log" 2>&1 &
 done
 wait

@@ -146,9 +146,9 @@ def test_analyze_cli_diagnoses_a_workdir(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "analyze.py", "--study", "bn-diagnostics", "--workdir", workdir,
-         "--batch-size", "50", "--num-examples", "100", "--bn-stats", "reestimate",
-         "--bn-stats-images", "64", "--single-class-batch", "5",
-         "--output-dir", str(out)],
+         "--batch_size", "50", "--num_examples", "100", "--bn_stats", "reestimate",
+         "--bn_stats_images", "64", "--single_class_batch", "5",
+         "--output_dir", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for suffix in ("json", "md", "png"):

@@ -281,7 +281,7 @@ def test_cli_converts_and_rejects_bad_files(tmp_path):
     torch.save({"state_dict": {f"module.{k}": torch.tensor(v) for k, v in sd.items()},
                 "best_prec1": 1.0}, path)
     out = tmp_path / "out"
-    result = _convert_cli(path, "--name", "mine", "--output-dir", out)
+    result = _convert_cli(path, "--name", "mine", "--output_dir", out)
     assert result.returncode == 0, result.stderr[-2000:]
     from awn_jax import pretrained
     run = pretrained.load("mine", directory=str(out))
@@ -300,7 +300,7 @@ def test_cli_converts_and_rejects_bad_files(tmp_path):
                partial)
     for bad, message in ((truncated, "cannot read"), (other, "not a checkpoint of a known"),
                          (partial, "lacks")):
-        result = _convert_cli(bad, "--name", "bad", "--output-dir", out)
+        result = _convert_cli(bad, "--name", "bad", "--output_dir", out)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().count("\n") == 0, result.stderr

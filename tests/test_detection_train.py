@@ -210,7 +210,7 @@ def test_train_cli_reports_bad_detection_input_in_one_line(override, message, tm
 
 def test_evaluate_cli_prints_the_map_table_of_a_detection_workdir(uninterrupted, tmp_path):
     result = subprocess.run(
-        [sys.executable, "evaluate.py", "--workdir", uninterrupted, "--output-dir",
+        [sys.executable, "evaluate.py", "--workdir", uninterrupted, "--output_dir",
          str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = 100 * read_metrics(uninterrupted)[-1]["test_map"]

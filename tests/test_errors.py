@@ -13,8 +13,10 @@ import sys
 
 import ml_collections
 import pytest
+from absl import flags
 from PIL import Image
 
+from awn_jax import cli
 from awn_jax.training import config_checks
 from awn_jax.data import get_dataset, image_folder
 from awn_jax.errors import MissingDataError, NonFiniteLossError, UserError
@@ -160,15 +162,30 @@ def test_train_cli_prints_one_line_and_creates_no_workdir(overrides, message, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["evaluate.py", "--batch-size", "0"], "error: flag --batch-size=0: 0 is not a positive "
+    (["evaluate.py", "--batch_size", "0"], "error: flag --batch_size=0: 0 is not a positive "
                                            "integer"),
-    (["analyze.py", "--num-points", "-1"], "error: flag --num-points=-1: -1 is not a "
+    (["analyze.py", "--num_points", "-1"], "error: flag --num_points=-1: -1 is not a "
                                            "non-negative integer"),
 ])
 def test_numeric_flags_out_of_range_are_one_clear_error(args, message):
     result = _run(*args)
     assert result.returncode == 1
     assert result.stderr.startswith(message) and "Traceback" not in result.stderr
+
+
+def test_dashed_flags_of_earlier_versions_work_with_one_notice_each():
+    result = _run("evaluate.py", "--batch-size", "0", "--batch-size=0")
+    assert result.returncode == 1
+    notice = "note: --batch-size is now spelled --batch_size; the dashed spelling will go\n"
+    assert result.stderr.startswith(notice + "error: flag --batch_size=0: 0 is not a positive")
+    values = flags.FlagValues()
+    flags.DEFINE_bool("bn_stats_augment", False, "", flag_values=values)
+    flags.DEFINE_integer("num_examples", None, "", flag_values=values)
+    argv = ["x", "--nobn-stats-augment", "--num-examples=5", "--config.data_dir=d",
+            "--unknown-flag", "--", "--num-examples"]
+    assert cli._underscored(argv, values) == [
+        "x", "--nobn_stats_augment", "--num_examples=5", "--config.data_dir=d",
+        "--unknown-flag", "--", "--num-examples"]
 
 
 _CLI_SCRIPT = """
@@ -204,8 +221,8 @@ def test_evaluate_cli_prints_its_table_without_logging(tmp_path):
                    crop_padding=1, batch_size=32, num_epochs=1, eval_batch_size=32,
                    num_devices=1, log_every_steps=1, layer_type="adder-awn")
     train_and_evaluate(config, workdir)
-    result = _run("evaluate.py", "--workdir", workdir, "--attack", "fgsm", "--bn-mode",
-                  "tracked", "--output-dir", str(tmp_path), timeout=600)
+    result = _run("evaluate.py", "--workdir", workdir, "--attack", "fgsm", "--bn_mode",
+                  "tracked", "--output_dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0].startswith("| model | BN mode | clean | fgsm |")
     # header, rule, one row; then where the report went

@@ -131,13 +131,13 @@ def test_imported_model_scores_the_stated_jpeg_accuracy(name, cifar_folder):
 
 
 def test_pretrained_reports_land_where_the_cli_says(cifar_folder, tmp_path):
-    """Without --output-dir a shipped model's report goes to awn-reports/NAME under the
+    """Without --output_dir a shipped model's report goes to awn-reports/NAME under the
     current directory, and the CLI prints that path."""
     repo = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, str(repo / "evaluate.py"), "--pretrained", "cifar10_r20_cnn",
-         "--data-dir", cifar_folder, "--attack", "fgsm", "--bn-mode", "tracked",
-         "--num-examples", "20", "--batch-size", "20"],
+         "--data_dir", cifar_folder, "--attack", "fgsm", "--bn_mode", "tracked",
+         "--num_examples", "20", "--batch_size", "20"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(repo)})
     assert result.returncode == 0, result.stderr[-2000:]

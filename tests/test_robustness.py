@@ -248,7 +248,7 @@ def test_evaluation_rejects_bad_settings(run, tiny_run):
 
 @pytest.mark.parametrize("args, message", [
     (["--attack", "pgdd"], "error: unknown attack 'pgdd'; known attacks: fgsm"),
-    (["--bn-mode", "train"], "error: unknown evaluation BN mode 'train'"),
+    (["--bn_mode", "train"], "error: unknown evaluation BN mode 'train'"),
     (["--study", "noise"], "error: unknown study 'noise'"),
     (["--workdir", "/nonexistent/run"], "error: no such workdir: /nonexistent/run"),
 ])
@@ -264,8 +264,8 @@ def test_cli_reports_bad_input_in_one_line(args, message):
 def test_cli_evaluates_with_reestimated_statistics_and_names_them(resnet_workdir, tmp_path):
     result = subprocess.run(
         [sys.executable, "evaluate.py", "--workdir", resnet_workdir, "--attack", "fgsm",
-         "--bn-mode", "running-mean", "--bn-stats", "reestimate", "--bn-stats-images", "32",
-         "--batch-size", "16", "--num-examples", "32", "--output-dir", str(tmp_path)],
+         "--bn_mode", "running-mean", "--bn_stats", "reestimate", "--bn_stats_images", "32",
+         "--batch_size", "16", "--num_examples", "32", "--output_dir", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| model | BN stats | BN mode |" in result.stdout

@@ -179,9 +179,9 @@ def test_cli_writes_the_run_studies(workdir, tmp_path):
     shutil.copytree(workdir, twin)
     out = str(tmp_path / "out")
     result = _analyze("--study", "curves,interpolation,distributions", "--workdir", workdir,
-                      "--workdir", twin, "--output-dir", out, "--num-points", "1",
-                      "--reestimate-batches", "1", "--batch-size", "48",
-                      "--feature-images", "16", "--bins", "10")
+                      "--workdir", twin, "--output_dir", out, "--num_points", "1",
+                      "--reestimate_batches", "1", "--batch_size", "48",
+                      "--feature_images", "16", "--bins", "10")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(os.listdir(out)) == {
         "stability_curves.json", "stability_curves.png", "stability_interpolation.json",

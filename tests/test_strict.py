@@ -249,7 +249,7 @@ def test_scoring_the_mates_needs_attacker_images_and_mates(run, data):
 def test_cli_strict_reports_bad_budgets_in_one_line(resnet_workdir):  # noqa: F811
     result = subprocess.run(
         [sys.executable, "evaluate.py", "--study", "strict", "--workdir", resnet_workdir,
-         "--batch-size", "16", "--eot-attacked", "16"], cwd=REPO_ROOT, capture_output=True,
+         "--batch_size", "16", "--eot_attacked", "16"], cwd=REPO_ROOT, capture_output=True,
         text=True, timeout=300)
     assert result.returncode != 0
     assert ("error: EOT's attacked images per batch must be in [1, 15] for batches of 16, "

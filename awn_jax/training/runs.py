@@ -86,7 +86,7 @@ class Run:
         order as numpy arrays, cut to a multiple of ``multiple_of``."""
         if self.dataset is None:
             raise UserError(f"{self.workdir} has no test data: pass its data directory "
-                            "(--data-dir to evaluate.py and analyze.py, --data_dir to "
+                            "(--data_dir to evaluate.py and analyze.py, --data_dir to "
                             "reproduce.py, data_dir= in Python)")
         total = min(num_examples or self.dataset.info.num_test, self.dataset.info.num_test)
         total -= total % multiple_of
