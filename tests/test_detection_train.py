@@ -42,7 +42,7 @@ def one_step(config, devices=1):
     trainer = training.DetectionTrainer(config, dataset, make_mesh(devices))
     before = jax.device_get(trainer.initial_state)
     batch = next(dataset.train_batches(0, config.batch_size))
-    state, metrics = trainer.train_step(trainer.initial_state, trainer.global_batch(batch))
+    state, metrics = trainer.train_step(trainer.initial_state, trainer.parallel.global_batch(batch))
     return before, jax.device_get(state), jax.device_get(metrics)
 
 

@@ -102,7 +102,7 @@ def test_eight_devices_give_the_loss_of_one(monkeypatch):
     for devices in (1, 8):
         trainer = Trainer(config, dataset, make_mesh(devices))
         state, metrics = trainer.train_step(trainer.initial_state,
-                                             trainer.global_batch(batch, trainer.sharded))
+                                             trainer.parallel.global_batch(batch))
         results.append((jax.device_get(metrics), jax.device_get(state.params)))
         # One device: whole; eight: every adder layer's kernels run per batch shard.
         assert splits and set(splits) == ({()} if devices == 1 else {("data",)})

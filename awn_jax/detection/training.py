@@ -14,25 +14,26 @@ one did, the warmup is counted in iterations, and the evaluation is VOC mAP (eve
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from awn_jax import data as classification_data
 from awn_jax.detection import data, evaluation
 from awn_jax.detection.detector import build_detector
-from awn_jax.distributed import make_mesh, under_mesh
-from awn_jax.errors import NonFiniteLossError, UserError
+from awn_jax.distributed import make_mesh
+from awn_jax.errors import UserError
 from awn_jax.model import split_model, with_bn_mode
 from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config
+from awn_jax.training.data_parallel import DataParallel, run_steps
 from awn_jax.training.loop import run_epochs
 from awn_jax.training.state import TrainState, create_train_state
 
@@ -111,72 +112,46 @@ def detect_step(graphdef, params, batch_stats, batch):
 
 
 class DetectionTrainer:
-    """The compiled steps and shardings of one detection run."""
+    """The compiled steps and shardings of one detection run (a ``loop.EpochTrainer``)."""
 
     def __init__(self, config, dataset, mesh: Mesh):
-        self.config, self.dataset, self.mesh = config, dataset, mesh
-        self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.sharded = NamedSharding(mesh, PartitionSpec("data"))
-        num_devices = mesh.devices.size
-        for name in ("batch_size", "eval_batch_size"):
-            if config[name] % num_devices:
-                raise UserError(f"{name} {config[name]} is not divisible by the "
-                                f"{num_devices} devices; choose a multiple of {num_devices}")
+        self.config, self.dataset = config, dataset
+        self.parallel = DataParallel(mesh, batch_size=config.batch_size,
+                                     eval_batch_size=config.eval_batch_size)
         if config.eval_every_epochs < 0:
             raise UserError(f"eval_every_epochs must be >= 0, got {config.eval_every_epochs}")
+        check_bn_modes([config.eval_bn_mode])
         self.steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
         self.graphdef, tx, state = create_detection_state(config, dataset.info,
                                                           self.steps_per_epoch)
-        self.initial_state = jax.device_put(state, self.replicated)
+        self.initial_state = jax.device_put(state, self.parallel.replicated)
         self.schedule = optimizer.learning_rate_schedule(
             optimizer_config(config, self.steps_per_epoch), self.steps_per_epoch)
-        check_bn_modes([config.eval_bn_mode])
         eval_graphdef = with_bn_mode(self.graphdef, state.params, state.batch_stats,
                                      config.eval_bn_mode)
-        self.train_step = under_mesh(jax.jit(
-            functools.partial(train_step, self.graphdef, tx, config.seed),
-            in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0), self.mesh)
-        self.detect_step = under_mesh(jax.jit(
-            functools.partial(detect_step, eval_graphdef),
-            in_shardings=(self.replicated, self.replicated, self.sharded),
-            out_shardings=self.replicated), self.mesh)
-
-    def global_batch(self, local_batch):
-        return {k: jax.make_array_from_process_local_data(self.sharded, v)
-                for k, v in local_batch.items()}
+        self.train_step = self.parallel.jit_train_step(
+            functools.partial(train_step, self.graphdef, tx, config.seed))
+        replicated, sharded = self.parallel.replicated, self.parallel.sharded
+        self.detect_step = self.parallel.jit(functools.partial(detect_step, eval_graphdef),
+                                             (replicated, replicated, sharded), replicated)
 
     def train_epoch(self, state, epoch: int, progress: tqdm.tqdm):
         """One epoch; returns the state and the epoch's mean of each loss."""
-        sums, count, pending = dict.fromkeys(("loss",) + LOSS_NAMES, 0.0), 0, []
         batches = self.dataset.train_batches(epoch, self.config.batch_size,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count())
-        for i, local_batch in enumerate(batches):
-            state, metrics = self.train_step(state, self.global_batch(local_batch))
-            pending.append(metrics)
-            if (i + 1) % self.config.log_every_steps == 0 or i + 1 == self.steps_per_epoch:
-                fetched = jax.device_get(pending)
-                last_step = epoch * self.steps_per_epoch + i + 1
-                for offset, m in enumerate(fetched):
-                    if not math.isfinite(float(m["loss"])):
-                        raise NonFiniteLossError(
-                            f"loss is {float(m['loss'])} at step "
-                            f"{last_step - len(fetched) + 1 + offset} (epoch {epoch + 1}); "
-                            "training stopped, the last good checkpoint is kept")
-                    sums = {k: sums[k] + float(m[k]) for k in sums}
-                count += len(fetched)
-                progress.update(len(fetched))
-                progress.set_postfix(epoch=epoch + 1, loss=f"{float(fetched[-1]['loss']):.3f}")
-                pending = []
-        return state, {f"train_{k}": v / count for k, v in sums.items()}
+        state, metrics = run_steps(self.train_step, state, batches, self.parallel,
+                                   epoch=epoch, steps_per_epoch=self.steps_per_epoch,
+                                   log_every=self.config.log_every_steps, progress=progress)
+        return state, {f"train_{k}": float(np.mean([float(m[k]) for m in metrics]))
+                       for k in ("loss",) + LOSS_NAMES}
 
     def evaluate(self, state) -> dict:
         """VOC AP of the detector (BatchNorm in ``eval_bn_mode``) on the test split."""
         return evaluation.evaluate(
             lambda batch: self.detect_step(state.params, state.batch_stats, batch),
             self.dataset, self.config.eval_batch_size, metric=self.config.ap_metric,
-            num_examples=self.config.num_test_examples, to_device=self.global_batch)
+            num_examples=self.config.num_test_examples, to_device=self.parallel.global_batch)
 
 
 def _due_for_evaluation(config, epoch: int) -> bool:

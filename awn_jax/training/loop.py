@@ -17,22 +17,23 @@ import json
 import math
 import os
 import time
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from awn_jax import data
-from awn_jax.distributed import make_mesh, under_mesh
-from awn_jax.errors import NonFiniteLossError, UserError
+from awn_jax.distributed import make_mesh
 from awn_jax.evaluation import Evaluator
 from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.model import apply_model, bn_drift, cross_entropy
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config
+from awn_jax.training.data_parallel import DataParallel, run_steps
 from awn_jax.reports import save_figure
 from awn_jax.training.metrics import MetricsWriter, plot_curves, read_metrics, summary
 from awn_jax.training.state import TrainState, create_train_state
@@ -56,51 +57,30 @@ def train_step(graphdef, tx, state: TrainState, batch):
 
 
 class Trainer:
-    """Holds the compiled steps and shardings of one run."""
+    """The compiled steps and shardings of one classification run (an :class:`EpochTrainer`)."""
 
     def __init__(self, config, dataset, mesh: Mesh):
-        self.config, self.dataset, self.mesh = config, dataset, mesh
-        self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.sharded = NamedSharding(mesh, PartitionSpec("data"))
+        self.config, self.dataset = config, dataset
         check_bn_modes([config.eval_bn_mode])
-        num_devices = mesh.devices.size
-        if config.batch_size % num_devices:
-            raise UserError(f"batch_size {config.batch_size} is not divisible by the "
-                            f"{num_devices} devices; choose a multiple of {num_devices}")
+        self.parallel = DataParallel(mesh, batch_size=config.batch_size)
         self.steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
         self.graphdef, tx, state = create_train_state(config, dataset.info, self.steps_per_epoch)
-        self.initial_state = jax.device_put(state, self.replicated)
+        self.initial_state = jax.device_put(state, self.parallel.replicated)
         self.schedule = optimizer.learning_rate_schedule(config, self.steps_per_epoch)
         self.evaluator = Evaluator(self.graphdef, state.params, state.batch_stats, mesh=mesh)
-        self.train_step = under_mesh(jax.jit(
-            functools.partial(train_step, self.graphdef, tx),
-            in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=0), self.mesh)
-
-    def global_batch(self, local_batch, sharding):
-        return {k: jax.make_array_from_process_local_data(sharding, v)
-                for k, v in local_batch.items()}
+        self.train_step = self.parallel.jit_train_step(
+            functools.partial(train_step, self.graphdef, tx))
 
     def train_epoch(self, state, epoch: int, progress: tqdm.tqdm):
         """Run one epoch; returns the state and the epoch's mean loss and accuracy."""
-        losses, accuracies, pending = [], [], []
         batches = self.dataset.train_batches(epoch, self.config.batch_size,
                                              process_index=jax.process_index(),
                                              process_count=jax.process_count())
-        for i, local_batch in enumerate(batches):
-            state, metrics = self.train_step(state, self.global_batch(local_batch, self.sharded))
-            pending.append(metrics)
-            if (i + 1) % self.config.log_every_steps == 0 or i + 1 == self.steps_per_epoch:
-                fetched = jax.device_get(pending)
-                last_step = epoch * self.steps_per_epoch + i + 1  # counted from 1
-                _raise_on_nonfinite(fetched, epoch, first_step=last_step - len(fetched) + 1)
-                losses += [m["loss"] for m in fetched]
-                accuracies += [m["accuracy"] for m in fetched]
-                progress.update(len(fetched))
-                progress.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
-                pending = []
-        return state, {"train_loss": float(np.mean(losses)),
-                       "train_accuracy": float(np.mean(accuracies))}
+        state, metrics = run_steps(self.train_step, state, batches, self.parallel,
+                                   epoch=epoch, steps_per_epoch=self.steps_per_epoch,
+                                   log_every=self.config.log_every_steps, progress=progress)
+        return state, {"train_loss": float(np.mean([m["loss"] for m in metrics])),
+                       "train_accuracy": float(np.mean([m["accuracy"] for m in metrics]))}
 
     def evaluate(self, state) -> dict:
         """Test loss and accuracy with BatchNorm in ``config.eval_bn_mode`` (a second
@@ -118,15 +98,6 @@ class Trainer:
         return {"test_loss": result["test_loss"], "test_accuracy": result["test_accuracy"]}
 
 
-def _raise_on_nonfinite(metrics, epoch, first_step):
-    for offset, m in enumerate(metrics):
-        if not math.isfinite(float(m["loss"])):
-            raise NonFiniteLossError(
-                f"loss is {float(m['loss'])} at step {first_step + offset} (epoch {epoch + 1}); "
-                "training stopped, the last good checkpoint is kept")
-
-
-
 def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> dict:
     """Train ``config`` into ``workdir`` (resuming from its latest checkpoint); returns the
     last epoch's metrics. ``deadline`` (a ``time.time()``): stop after the first epoch
@@ -140,7 +111,7 @@ def train_and_evaluate(config, workdir: str, deadline: float | None = None) -> d
     info = dataset.info
     _say(f"training {config.model} ({config.layer_type}) on {info.name}: {info.num_train} "
          f"training images, {trainer.steps_per_epoch} steps of {config.batch_size} per epoch, "
-         f"{config.num_epochs} epochs, on {trainer.mesh.devices.size} "
+         f"{config.num_epochs} epochs, on {trainer.parallel.mesh.devices.size} "
          f"{jax.devices()[0].platform.upper()} device(s); workdir {os.path.abspath(workdir)}")
     return run_epochs(config, workdir, dataset.info, trainer,
                       lambda state, epoch: trainer.evaluate(state), deadline)
@@ -167,14 +138,26 @@ def _finished(config, workdir: str) -> dict | None:
     return metrics[config.num_epochs - 1]
 
 
-def run_epochs(config, workdir: str, dataset_info, trainer, evaluate_epoch,
+class EpochTrainer(Protocol):
+    """What :func:`run_epochs` drives (the classification :class:`Trainer` and the
+    detection one): a replicated initial state, the steps of an epoch, the learning rate at
+    a step, and one epoch of training returning the state and the epoch's train metrics."""
+
+    initial_state: TrainState
+    steps_per_epoch: int
+
+    def schedule(self, step: int) -> float: ...
+
+    def train_epoch(self, state: TrainState, epoch: int,
+                    progress: tqdm.tqdm) -> tuple[TrainState, dict]: ...
+
+
+def run_epochs(config, workdir: str, dataset_info, trainer: EpochTrainer, evaluate_epoch,
                deadline: float | None = None) -> dict:
-    """The epoch loop of every trainer (classification and detection): save the config and
-    dataset info, resume from the latest checkpoint, and per epoch train, evaluate, write a
-    line of ``metrics.jsonl`` and a checkpoint. ``trainer`` has ``initial_state``,
-    ``steps_per_epoch``, ``schedule`` and ``train_epoch(state, epoch, progress) -> (state,
-    train metrics)``; ``evaluate_epoch(state, epoch)`` returns the epoch's test metrics
-    (may be empty). Returns the last epoch's metrics."""
+    """The epoch loop of every trainer: save the config and dataset info, resume from the
+    latest checkpoint, and per epoch train, evaluate, write a line of ``metrics.jsonl`` and
+    a checkpoint. ``evaluate_epoch(state, epoch)`` returns the epoch's test metrics (may be
+    empty). Returns the last epoch's metrics."""
     os.makedirs(workdir, exist_ok=True)
     # Nothing in the workdir changes before its checkpoint is restored: a damaged one stops
     # the run with the config and files as they were.
