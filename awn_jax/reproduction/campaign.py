@@ -187,7 +187,8 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     ``train_seconds``: training stops at the first epoch end past this many seconds, and
     the evaluation stages wait for a later call. ``runs``: the runs trained and evaluated
     (in this order), of ``CONFIGS``; the report covers all four, partial while some train."""
-    from awn_jax.reproduction import report, stages as studies  # the studies need matplotlib
+    # The stage functions (module ``stages``, not the parameter) need matplotlib.
+    from awn_jax.reproduction import report, stages as stage_functions
 
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -205,9 +206,9 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
         if any(len(read_metrics(w)) < budget.epochs for w in dirs.values()):
             logging.warning("training time is up; run the same command again to go on")
             return out
-    evaluations = {"table": studies.table, "sweeps": studies.sweeps,
-                   "interpolation": studies.interpolation_study,
-                   "distributions": studies.distributions_study}
+    evaluations = {"table": stage_functions.table, "sweeps": stage_functions.sweeps,
+                   "interpolation": stage_functions.interpolation_study,
+                   "distributions": stage_functions.distributions_study}
     wanted = [s for s in evaluations if s in stages or "report" in stages]
     if not wanted:
         return out
