@@ -9,7 +9,8 @@
 --study picks what is measured (all of it written into --output_dir, default: the first
 workdir):
   table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1):
-               robustness.json/.md
+               robustness.json/.md; each finished cell is kept in table-parts/, so the
+               same command, restarted after a kill, goes on where it stopped
   eps-sweep    PGD-7 accuracy vs eps, step eps/7 (Fig. 2a): eps_sweep.json/.md/.png
   steps-sweep  PGD accuracy vs steps at eps 8/255, step 2/255 (Fig. 2b): steps_sweep.*
   batch        batch dependence: accuracy vs evaluation batch size, random partitions into
@@ -170,7 +171,8 @@ def main(argv):
         rows = [row for run in runs for row in robustness.evaluate_run(
             run, attack_names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
             step_size=_STEP_SIZE.value, batch_size=batch_size,
-            num_examples=num_examples, seed=_SEED.value)]
+            num_examples=num_examples, seed=_SEED.value,
+            cache_dir=os.path.join(output_dir, "table-parts"))]
         print(robustness.write_report(rows, attack_names, output_dir))
     elif _STUDY.value == "eps-sweep":
         eps_values = _numbers(_EPS_VALUES, float)

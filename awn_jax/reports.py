@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -24,6 +25,12 @@ def write(output_dir: str, stem: str, results, markdown: str | None = None) -> s
     if markdown is not None:
         _replace(os.path.join(output_dir, f"{stem}.md"), markdown.rstrip("\n") + "\n")
     return path
+
+
+def portable_stem(stem: str) -> str:
+    """``stem`` with every run of characters other than letters, digits, ``_ . -`` as one
+    ``-``: part files whose names every file system (and a Windows checkout) accepts."""
+    return re.sub(r"[^\w.-]+", "-", stem)
 
 
 def cached(output_dir: str, stem: str, key: dict, compute):

@@ -83,6 +83,28 @@ def test_a_columns_random_key_depends_on_its_attack_only(resnet_workdir, monkeyp
     assert len(tables[1]) == 2 and tables[1] == tables[len(PAPER_ATTACKS)]
 
 
+def test_a_killed_table_goes_on_where_it_stopped(resnet_workdir, tmp_path, monkeypatch):
+    run = load_run(resnet_workdir)
+    settings = dict(batch_size=32, show_progress=False, cache_dir=str(tmp_path))
+    rows = robustness.evaluate_run(run, ["fgsm", "pgd"], ["running-mean"], **settings)
+    assert sorted(os.listdir(tmp_path)) == [
+        f"{run.label}-running-mean-{name}.json" for name in ("clean", "fgsm", "pgd")]
+    evaluated, predictions = [], Evaluator.predictions
+
+    def counted(self, *args, attack=None, **kwargs):
+        evaluated.append(None if attack is None else attack.name)
+        return predictions(self, *args, attack=attack, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "predictions", counted)
+    assert robustness.evaluate_run(run, ["fgsm", "pgd"], ["running-mean"], **settings) == rows
+    assert evaluated == []
+    os.remove(tmp_path / f"{run.label}-running-mean-pgd.json")     # killed during PGD
+    assert robustness.evaluate_run(run, ["fgsm", "pgd"], ["running-mean"], **settings) == rows
+    assert evaluated == ["pgd", "pgd"]                              # full batch, then the rest
+    robustness.evaluate_run(run, ["fgsm"], ["running-mean"], eps=0.01, **settings)
+    assert evaluated[2:] == ["fgsm", "fgsm"]                        # other settings: computed
+
+
 def test_tracked_logits_are_per_example_and_batch_modes_are_not(resnet_workdir):
     run = load_run(resnet_workdir)
     rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from awn_jax import reports
 from awn_jax.evaluation import Evaluator
 from awn_jax.robustness import strict
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
@@ -101,7 +102,7 @@ def test_worst_case_is_the_per_example_conjunction():
 
 
 def test_part_names_are_portable():
-    assert strict._portable("pretrained:cifar10_r20_ann-running mean-batch size 1") == (
+    assert reports.portable_stem("pretrained:cifar10_r20_ann-running mean-batch size 1") == (
         "pretrained-cifar10_r20_ann-running-mean-batch-size-1")
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 
 import numpy as np
 import tqdm
@@ -99,12 +98,6 @@ def worst_case(per_example: dict) -> np.ndarray:
     return np.logical_and.reduce([np.asarray(v, bool) for v in per_example.values()])
 
 
-def _portable(stem: str) -> str:
-    """``stem`` with every run of characters other than letters, digits, ``_ . -`` as one
-    ``-``: part files whose names every file system (and a Windows checkout) accepts."""
-    return re.sub(r"[^\w.-]+", "-", stem)
-
-
 class _Study:
     """The evaluations of one run, all through ``run.evaluator``; each part saved under
     ``cache_dir`` (if given) with the study's ``settings``."""
@@ -122,7 +115,7 @@ class _Study:
         if self.cache_dir is None:
             result = compute()
         else:
-            stem = _portable(f"{self.run.label}-{mode}-{name}")
+            stem = reports.portable_stem(f"{self.run.label}-{mode}-{name}")
             # Only Square's parts depend on how Square draws its windows (parts cached before
             # the rule was recorded stay valid for every other check).
             square = {"square_corners": attacks.SQUARE_CORNERS} if name == "square" else {}

@@ -26,10 +26,13 @@ KEY_IDS = {"clean": 0, "fgsm": 1, "bim": 2, "pgd": 3, "mim": 4, "rfgsm": 5}
 
 
 def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size=None,
-                 batch_size=500, num_examples=None, seed=0, show_progress=True) -> list[dict]:
+                 batch_size=500, num_examples=None, seed=0, show_progress=True,
+                 cache_dir: str | None = None) -> list[dict]:
     """One row per BN mode: clean accuracy and accuracy under each attack, in [0, 1], on
     the first ``num_examples`` test examples in batches of ``batch_size`` (the last one
-    smaller when they do not divide)."""
+    smaller when they do not divide). With a ``cache_dir``, each cell (BN mode, attack) is
+    saved when done and reused by a later call with the same weights and settings, so a
+    killed table loses only the cell in progress."""
     settings = {"eps": eps, "steps": steps, "step_size": step_size}
     configured = {name: attacks.configured(attacks.check_attack_name(name), **settings)
                   for name in attack_names}
@@ -41,24 +44,53 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                                        num_classes=run.dataset.info.num_classes,
                                        image_size=run.config.image_size,
                                        **architecture_options(run.config))
-    accuracy = {mode: {} for mode in bn_modes}
     batches = sum(len(labels[rows]) // size for rows, size in parts if labels[rows].size)
+
+    def cell(mode, name, progress):
+        attack, args = configured.get(name, (None, ()))
+        key = attacks.named_key(seed, name or "clean", KEY_IDS)
+        correct = 0
+        for part, (rows, size) in enumerate(parts):
+            if labels[rows].size:  # the smaller last batch gets keys of its own
+                predictions = run.evaluator.predictions(
+                    images[rows], labels[rows], batch_size=size, bn_mode=mode,
+                    attack=attack, attack_args=args, key=jax.random.fold_in(key, part),
+                    on_batches=progress.update)
+                correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
+        return correct / len(images)
+
+    def cached_cell(mode, name, progress):
+        if cache_dir is None:
+            return cell(mode, name, progress)
+        attack, args = configured.get(name, (None, ()))
+        cell_key = {"run": run.label, "weights_sha256": run.weights_sha256,
+                    "bn_stats": run.bn_stats.label(), "num_examples": len(images),
+                    "batch_size": batch_size, "seed": seed,
+                    "attack": None if attack is None else {
+                        "name": attack.name, "steps": attack.steps, "eps": args[0],
+                        "step_size": args[1]}}
+        if name == "square":
+            cell_key["square_corners"] = attacks.SQUARE_CORNERS
+        computed = []
+
+        def compute():
+            computed.append(name)
+            return cell(mode, name, progress)
+
+        accuracy = reports.cached(
+            cache_dir, reports.portable_stem(f"{run.label}-{mode}-{name or 'clean'}"),
+            {"settings": cell_key}, compute)
+        if not computed:  # read back: the bar moves as if it had been evaluated
+            progress.update(batches)
+        return accuracy
+
+    accuracy = {mode: {} for mode in bn_modes}
     with tqdm.tqdm(total=len(bn_modes) * (1 + len(attack_names)) * batches,
-                   disable=not show_progress, desc=run.architecture, unit="batch") as progress:
+                   disable=not show_progress, desc=run.label, unit="batch") as progress:
         for mode in bn_modes:
             for name in (None, *attack_names):
                 progress.set_postfix_str(f"{mode}: {name or 'clean'}")
-                attack, args = configured.get(name, (None, ()))
-                key = attacks.named_key(seed, name or "clean", KEY_IDS)
-                correct = 0
-                for part, (rows, size) in enumerate(parts):
-                    if labels[rows].size:  # the smaller last batch gets keys of its own
-                        predictions = run.evaluator.predictions(
-                            images[rows], labels[rows], batch_size=size, bn_mode=mode,
-                            attack=attack, attack_args=args,
-                            key=jax.random.fold_in(key, part), on_batches=progress.update)
-                        correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
-                accuracy[mode][name or "clean"] = correct / len(images)
+                accuracy[mode][name or "clean"] = cached_cell(mode, name, progress)
     return [{"model": run.architecture, "workdir": run.workdir, "epoch": run.epoch,
              "bn_stats": run.bn_stats.label(), "bn_mode": mode,
              "num_examples": len(images), "mul": cost.mul, "add": cost.add,
