@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from awn_jax import cli, reproduction
+from awn_jax.config import PAPER_RUNS
 from awn_jax.errors import UserError
 from awn_jax.reproduction import campaign
 
@@ -27,9 +28,9 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", "", "CIFAR-10 image folder (<dir>/{train,test}/<class>/*.jpg); empty: TFDS.")
 _STAGES = flags.DEFINE_list("stages", list(reproduction.STAGES),
                             f"Stages to run, of {', '.join(reproduction.STAGES)}.")
-_RUNS = flags.DEFINE_list("runs", list(campaign.CONFIGS),
+_RUNS = flags.DEFINE_list("runs", list(PAPER_RUNS),
                           f"Runs to train and evaluate, in this order, of "
-                          f"{', '.join(campaign.CONFIGS)} (the report covers all four, "
+                          f"{', '.join(PAPER_RUNS)} (the report covers all four, "
                           "partial while some train).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "KEY=VALUE: a config key of every run changed (e.g. num_train_examples=512 "

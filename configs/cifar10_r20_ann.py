@@ -1,10 +1,7 @@
 """ResNet-20 AdderNet (ANN) on CIFAR-10, official AdderNet recipe."""
 
-from configs import default
+from awn_jax.config import paper_config
 
 
 def get_config():
-    config = default.get_config()
-    config.layer_type = "adder"
-    config.workdir = "workdirs/cifar10_r20_ann"
-    return config
+    return paper_config("adder")

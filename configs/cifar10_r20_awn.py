@@ -1,10 +1,7 @@
 """ResNet-20 AdderNet with adaptive weight normalization (ANN-AWN) on CIFAR-10."""
 
-from configs import default
+from awn_jax.config import paper_config
 
 
 def get_config():
-    config = default.get_config()
-    config.layer_type = "adder-awn"
-    config.workdir = "workdirs/cifar10_r20_awn"
-    return config
+    return paper_config("adder-awn")

@@ -1,10 +1,7 @@
 """ResNet-20 CNN on CIFAR-10: the multiplying baseline, official AdderNet recipe."""
 
-from configs import default
+from awn_jax.config import paper_config
 
 
 def get_config():
-    config = default.get_config()
-    config.layer_type = "conv"
-    config.workdir = "workdirs/cifar10_r20_cnn"
-    return config
+    return paper_config("conv")

@@ -1,10 +1,7 @@
 """ResNet-20 AdderNet with weight standardization (ANN-WS) on CIFAR-10, as the paper's ablation."""
 
-from configs import default
+from awn_jax.config import paper_config
 
 
 def get_config():
-    config = default.get_config()
-    config.layer_type = "adder-ws"
-    config.workdir = "workdirs/cifar10_r20_ws"
-    return config
+    return paper_config("adder-ws")

@@ -19,6 +19,7 @@ from PIL import Image
 from awn_jax import cli
 from awn_jax.training import config_checks
 from awn_jax.data import get_dataset, image_folder
+from awn_jax.config import PAPER_RUNS
 from awn_jax.errors import MissingDataError, NonFiniteLossError, UserError
 from awn_jax.reproduction import campaign
 from awn_jax.training import checkpointing
@@ -107,7 +108,7 @@ def test_every_config_file_passes(path):
 
 @pytest.mark.parametrize("budget", sorted(campaign.BUDGETS))
 def test_the_campaign_configs_pass(budget):
-    for layer_type in campaign.CONFIGS:
+    for layer_type in PAPER_RUNS:
         config_checks.check_config(
             campaign.run_config(layer_type, campaign.BUDGETS[budget], "/data/cifar10"))
 

@@ -109,3 +109,25 @@ def test_adder_kernels_do_not_import_the_dispatcher():
     for name in ("adder_vjp", "adder_xla", "adder_native", "adder_pallas"):
         imported = _imported(f"awn_jax.ops.{name}", modules[f"awn_jax.ops.{name}"], modules)
         assert not imported & {"awn_jax.ops.adder", "awn_jax.ops"}, (name, imported)
+
+
+def _top_level_imports(path: pathlib.Path) -> set:
+    """The first component of every module ``path`` imports by absolute name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_library_imports_nothing_from_the_repository_root(tmp_path):
+    """``configs/``, the CLIs and ``bench/`` are not installed with the package: the library
+    builds the paper's configs itself (``awn_jax.config``)."""
+    outside = {"configs", "train", "evaluate", "analyze", "reproduce", "convert", "bench"}
+    found = {name: _top_level_imports(path) & outside for name, path in _modules().items()}
+    assert {name: names for name, names in found.items() if names} == {}
+    example = tmp_path / "example.py"   # the rule itself, on a module that breaks it
+    example.write_text("import os\nfrom configs import default\nfrom . import sibling\n")
+    assert _top_level_imports(example) & outside == {"configs"}

@@ -13,6 +13,7 @@ import pytest
 
 from awn_jax import names, reproduction
 from awn_jax.bn_statistics import BNStats
+from awn_jax.config import PAPER_RUNS
 from awn_jax.errors import UserError
 from awn_jax.reproduction import campaign, paper, report
 from awn_jax.training.runs import load_run
@@ -46,7 +47,7 @@ def finished(tmp_path_factory):
 def test_campaign_trains_evaluates_and_reports(finished):
     runs_dir, result, _ = finished
     root = pathlib.Path(campaign.campaign_dir(runs_dir, DRY))
-    for layer_type in campaign.CONFIGS:
+    for layer_type in PAPER_RUNS:
         metrics = (root / layer_type / "metrics.jsonl").read_text().splitlines()
         assert len(metrics) == DRY.epochs, layer_type
     report_dir = root / "report"
@@ -58,7 +59,7 @@ def test_campaign_trains_evaluates_and_reports(finished):
     assert set(report.TABLE1) <= set(rows) and rows["ANN-R-AWN"]["num_examples"] == 100
     assert {"clean", "fgsm", "pgd"} <= set(rows["CNN"])
     assert len(saved["claims"]) == len(report.CLAIMS)
-    assert [len(saved["interpolation"][t]) for t in campaign.CONFIGS] == [1] * 4
+    assert [len(saved["interpolation"][t]) for t in PAPER_RUNS] == [1] * 4
     assert "budget `dry`: 2 epochs" in result.stdout and "43.39" in result.stdout
     shipped = json.loads((report_dir / "pretrained" / "manifest.json").read_text())
     assert set(shipped) == set(campaign.SHIPPED_NAMES.values())
@@ -86,7 +87,7 @@ def test_reestimated_statistics_get_their_own_table_and_report(finished):
     assert "re-estimated on 64 un-augmented training images" in (
         directory / "report.md").read_text()
     assert not (directory / "pretrained").exists()  # shipped weights keep trained statistics
-    for layer_type in campaign.CONFIGS:
+    for layer_type in PAPER_RUNS:
         assert (root / "report" / "stages" / f"table+reestimate-64-{layer_type}.json").exists()
         assert {row["bn_stats"] for row in result["table"][layer_type]} == {"reestimate-64"}
     assert (root / "report" / "report.md").read_text() == trained_report
@@ -148,7 +149,7 @@ def test_runs_trains_only_those_and_the_report_is_partial(tmp_path):
 
 
 def test_run_configs_are_the_official_recipe_at_the_budget(tmp_path):
-    for layer_type in campaign.CONFIGS:
+    for layer_type in PAPER_RUNS:
         config = campaign.run_config(layer_type, reproduction.BUDGETS["cpu"], str(tmp_path))
         assert (config.layer_type, config.num_epochs, config.batch_size) == (layer_type, 10, 256)
         assert (config.dataset, config.data_dir) == ("image_folder", str(tmp_path))

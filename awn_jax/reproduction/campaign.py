@@ -25,16 +25,15 @@ from absl import logging
 
 from awn_jax import names, reports
 from awn_jax.bn_statistics import BNStats
+from awn_jax.config import PAPER_RUNS, paper_config
 from awn_jax.errors import UserError
 from awn_jax.robustness.studies import SWEEP_EPS, SWEEP_STEPS
 from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
-from configs import cifar10_r20_ann, cifar10_r20_awn, cifar10_r20_cnn, cifar10_r20_ws
 
-# The four rows of the campaign, in training order; the CNN first, because a CNN short of
-# the accuracy expected at the budget means a problem to find before the others run.
-CONFIGS = {"conv": cifar10_r20_cnn, "adder": cifar10_r20_ann, "adder-ws": cifar10_r20_ws,
-           "adder-awn": cifar10_r20_awn}
+# The four runs of the campaign are config.PAPER_RUNS, trained in its order: the CNN first,
+# because a CNN short of the accuracy expected at the budget means a problem to find before
+# the others run.
 STAGES = ("train", "table", "sweeps", "interpolation", "distributions", "report")
 
 
@@ -102,7 +101,7 @@ def run_config(layer_type: str, budget: Budget, data_dir: str = "") -> ml_collec
     reads TFDS ``cifar10``. Either way the images are normalized with the official
     CIFAR-10 constants (``normalization = "cifar10"``).
     """
-    config = CONFIGS[layer_type].get_config()
+    config = paper_config(layer_type)
     config.num_epochs = budget.epochs
     config.normalization = "cifar10"
     if data_dir:
@@ -115,7 +114,7 @@ def campaign_dir(runs_dir: str, budget: Budget) -> str:
     return os.path.join(os.path.expanduser(runs_dir), f"{budget.name}-{budget.epochs}ep")
 
 
-def workdirs(runs_dir: str, budget: Budget, layer_types=tuple(CONFIGS)) -> dict[str, str]:
+def workdirs(runs_dir: str, budget: Budget, layer_types=tuple(PAPER_RUNS)) -> dict[str, str]:
     return {t: os.path.join(campaign_dir(runs_dir, budget), t) for t in layer_types}
 
 
@@ -132,7 +131,7 @@ def _train_one(layer_type, budget, workdir, data_dir, overrides, deadline):
 
 
 def train_runs(budget: Budget, runs_dir: str, data_dir: str = "",
-               layer_types=tuple(CONFIGS), overrides: dict | None = None,
+               layer_types=tuple(PAPER_RUNS), overrides: dict | None = None,
                parallel: bool = False, deadline: float | None = None) -> dict[str, str]:
     """Train (or resume, or skip when finished) each run; returns layer_type -> workdir.
 
@@ -181,22 +180,22 @@ def cached_stage(stages_dir: str, stage: str, epochs: dict, compute):
 def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGES,
                  overrides: dict | None = None, parallel: bool = False,
                  train_seconds: float | None = None, command: str = "",
-                 runs=tuple(CONFIGS)) -> dict:
+                 runs=tuple(PAPER_RUNS)) -> dict:
     """The whole campaign, or the ``stages`` of it asked for; returns what it computed
     (``workdirs``, and per stage its results; ``report`` is the Markdown).
     ``train_seconds``: training stops at the first epoch end past this many seconds, and
     the evaluation stages wait for a later call. ``runs``: the runs trained and evaluated
-    (in this order), of ``CONFIGS``; the report covers all four, partial while some train."""
+    (in this order), of ``PAPER_RUNS``; the report covers all four, partial while some train."""
     # The stage functions (module ``stages``, not the parameter) need matplotlib.
     from awn_jax.reproduction import report, stages as stage_functions
 
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise UserError(f"unknown stages {unknown}; expected some of {STAGES}")
-    unknown = sorted(set(runs) - set(CONFIGS))
+    unknown = sorted(set(runs) - set(PAPER_RUNS))
     if unknown or not runs:
         raise UserError(f"unknown runs {unknown or list(runs)}; expected some of "
-                        f"{list(CONFIGS)}")
+                        f"{list(PAPER_RUNS)}")
     dirs = workdirs(runs_dir, budget, tuple(runs))
     out = {"workdirs": dirs}
     if "train" in stages:
@@ -246,7 +245,7 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
 
 
 # The shipped name of each run: the config file it was trained from.
-SHIPPED_NAMES = {t: module.__name__.rsplit(".", 1)[-1] for t, module in CONFIGS.items()}
+SHIPPED_NAMES = PAPER_RUNS
 
 
 def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
