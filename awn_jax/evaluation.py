@@ -21,6 +21,7 @@ others (the batch-mate threat model of :mod:`awn_jax.robustness.batch_attacks`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable
@@ -38,13 +39,45 @@ from awn_jax.model import apply_model, with_bn_mode
 from awn_jax.nn.batchnorm import check_bn_modes
 
 Attack = Callable[..., jax.Array]
+SCORES = ("attacked", "mates")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What one evaluation scores, and so the key of its compiled program: the scored
+    forward's BN mode; the attack (None: clean) and the BN mode it is crafted under (None:
+    the same); how many images of each batch the attacker controls (None: all); whose logits
+    come back, the attacker's images' (``attacked``) or their clean batch mates' (``mates``)."""
+
+    bn_mode: str
+    attack: Attack | None = None
+    attacked: int | None = None
+    score: str = "attacked"
+    attack_bn_mode: str | None = None
+
+    def __post_init__(self):
+        check_bn_modes([self.bn_mode] + ([self.attack_bn_mode] if self.attack_bn_mode else []))
+        if self.score not in SCORES:
+            raise UserError(f"score must be 'attacked' or 'mates', got {self.score!r}")
+
+    def for_batch(self, batch_size: int) -> Scoring:
+        """This scoring checked against ``batch_size``, ``attacked`` None for a whole batch."""
+        if self.score == "mates" and not (self.attacked is not None
+                                          and 1 <= self.attacked < batch_size):
+            raise UserError(f"scoring the mates needs attacked in [1, {batch_size - 1}], "
+                            f"got {self.attacked}")
+        if self.attacked is not None and not 1 <= self.attacked <= batch_size:
+            raise UserError(f"attacked must be in [1, {batch_size}], got {self.attacked}")
+        if self.attacked == batch_size:
+            return dataclasses.replace(self, attacked=None)
+        return self
 
 
 class Evaluator:
     """Scores one model (``graphdef``, ``params``, ``batch_stats``); every method also takes
     other ``params``/``batch_stats`` of the same structure (interpolated models, epochs).
 
-    One compilation per (BN mode, attack, attacked, attack BN mode, split) and shape.
+    One compilation per :class:`Scoring`, way of splitting over the devices, and shape.
     """
 
     def __init__(self, graphdef, params, batch_stats, *, mesh=None, chunk_size: int = 512):
@@ -127,20 +160,12 @@ class Evaluator:
         and the attack gets ``logits_fn(x) ->`` those logits and their labels, ``x`` being
         the attacker's images (starting clean). ``on_batches(n)`` is called after every
         compiled call with the number of batches it scored (progress bars)."""
-        check_bn_modes([bn_mode] + ([attack_bn_mode] if attack_bn_mode else []))
-        if score not in ("attacked", "mates"):
-            raise UserError(f"score must be 'attacked' or 'mates', got {score!r}")
-        if score == "mates" and not (attacked is not None and 1 <= attacked < batch_size):
-            raise UserError(f"scoring the mates needs attacked in [1, {batch_size - 1}], "
-                            f"got {attacked}")
+        scoring = Scoring(bn_mode, attack, attacked, score, attack_bn_mode)
         if jax.process_count() > 1:
             raise UserError("per-example evaluation runs on one host")
         if batch_size < 1 or len(images) % batch_size or not len(images):
             raise UserError(f"{len(images)} examples do not fill batches of {batch_size}")
-        if attacked is not None and not 1 <= attacked <= batch_size:
-            raise UserError(f"attacked must be in [1, {batch_size}], got {attacked}")
-        if attacked == batch_size:
-            attacked = None
+        scoring = scoring.for_batch(batch_size)
         params = self.params if params is None else params
         batch_stats = self.batch_stats if batch_stats is None else batch_stats
         base = jax.random.key(0) if key is None else key
@@ -157,7 +182,7 @@ class Evaluator:
             # Split by examples: one batch per call, its examples over the devices.
             calls = [(i, 1) for i in range(first, first + count)] if split == "batch" else [
                 (first, count)]
-            fn = self._per_batch(bn_mode, attack, attacked, score, attack_bn_mode, split)
+            fn = self._per_batch(scoring, split)
             for index, size in calls:
                 rows = slice(index * batch_size, (index + size) * batch_size)
                 keys = jax.vmap(functools.partial(jax.random.fold_in, base))(
@@ -168,9 +193,8 @@ class Evaluator:
                     np.asarray(labels[rows]).reshape(size, batch_size), keys, attack_args)))
                 if on_batches is not None:
                     on_batches(size)
-        logging.info("%d examples, batch %d, BN %s, attack %s, attacked %s, scored %s, "
-                     "crafted under %s: %.1f s", len(images), batch_size, bn_mode, attack,
-                     attacked, score, attack_bn_mode or bn_mode, time.perf_counter() - start)
+        logging.info("%d examples, batch %d, %s: %.1f s", len(images), batch_size, scoring,
+                     time.perf_counter() - start)
         return np.concatenate(out)
 
     def predictions(self, images, labels, **kwargs) -> np.ndarray:
@@ -190,16 +214,18 @@ class Evaluator:
         k = batch_size if attacked is None else attacked
         return batches[:, k:] if score == "mates" else batches[:, :k]
 
-    def _per_batch(self, bn_mode, attack, attacked, score, attack_bn_mode, split):
-        key = (bn_mode, attack, attacked, score, attack_bn_mode, split)
-        if key in self._compiled:
-            return self._compiled[key]
-        score_graph = self._graphdef(bn_mode)
-        attack_graph = self._graphdef(attack_bn_mode or bn_mode)
+    def _per_batch(self, scoring: Scoring, split: str):
+        """The compiled program of ``scoring``; ``split``: how calls go over the devices,
+        ``groups`` of batches, the examples of one ``batch``, or ``whole`` on each."""
+        if (scoring, split) in self._compiled:
+            return self._compiled[scoring, split]
+        attack, attacked = scoring.attack, scoring.attacked
+        score_graph = self._graphdef(scoring.bn_mode)
+        attack_graph = self._graphdef(scoring.attack_bn_mode or scoring.bn_mode)
 
         def one_batch(params, batch_stats, images, labels, key, attack_args):
             k = images.shape[0] if attacked is None else attacked
-            scored = slice(k, None) if score == "mates" else slice(0, k)
+            scored = slice(k, None) if scoring.score == "mates" else slice(0, k)
 
             def logits(graph, x):
                 # The attacker's k images replace the first k of the clean batch.
@@ -231,5 +257,5 @@ class Evaluator:
                                       replicated)), self.mesh)
         else:
             fn = jax.jit(chunk)
-        self._compiled[key] = fn
+        self._compiled[scoring, split] = fn
         return fn
