@@ -46,17 +46,22 @@ class DataParallel:
                 for k, v in local_batch.items()}
 
 
-def run_steps(step, state, local_batches, parallel: DataParallel, *, epoch: int,
-              steps_per_epoch: int, log_every: int, progress: tqdm.tqdm):
-    """``state`` after ``step`` over the epoch's batches, and every step's metrics on the
-    host. Metrics are fetched every ``log_every`` steps and at the epoch's end (fetching
-    each step would wait for the device every step); a non-finite loss among them stops
-    the run with a ``NonFiniteLossError`` naming its step (counted from 1)."""
+def run_epoch_steps(step, state, dataset, parallel: DataParallel, *, epoch: int, config,
+                progress: tqdm.tqdm):
+    """``state`` after ``step`` over epoch ``epoch``'s training batches (of
+    ``config.batch_size``; this process's part of each), and every step's metrics on the
+    host. Metrics are fetched every ``config.log_every_steps`` steps and at the epoch's end
+    (fetching each step would wait for the device every step); a non-finite loss among them
+    stops the run with a ``NonFiniteLossError`` naming its step (counted from 1)."""
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    local_batches = dataset.train_batches(epoch, config.batch_size,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
     fetched_all, pending = [], []
     for i, local_batch in enumerate(local_batches):
         state, metrics = step(state, parallel.global_batch(local_batch))
         pending.append(metrics)
-        if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
+        if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
             fetched = jax.device_get(pending)
             first_step = epoch * steps_per_epoch + i + 2 - len(fetched)
             for offset, m in enumerate(fetched):

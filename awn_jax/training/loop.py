@@ -33,7 +33,7 @@ from awn_jax.nn.batchnorm import check_bn_modes
 from awn_jax.model import apply_model, bn_drift, cross_entropy
 from awn_jax.training import checkpointing, optimizer
 from awn_jax.training.config_checks import check_config
-from awn_jax.training.data_parallel import DataParallel, run_steps
+from awn_jax.training.data_parallel import DataParallel, run_epoch_steps
 from awn_jax.reports import save_figure
 from awn_jax.training.metrics import MetricsWriter, plot_curves, read_metrics, summary
 from awn_jax.training.state import TrainState, create_train_state
@@ -73,12 +73,8 @@ class Trainer:
 
     def train_epoch(self, state, epoch: int, progress: tqdm.tqdm):
         """Run one epoch; returns the state and the epoch's mean loss and accuracy."""
-        batches = self.dataset.train_batches(epoch, self.config.batch_size,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())
-        state, metrics = run_steps(self.train_step, state, batches, self.parallel,
-                                   epoch=epoch, steps_per_epoch=self.steps_per_epoch,
-                                   log_every=self.config.log_every_steps, progress=progress)
+        state, metrics = run_epoch_steps(self.train_step, state, self.dataset, self.parallel,
+                                         epoch=epoch, config=self.config, progress=progress)
         return state, {"train_loss": float(np.mean([m["loss"] for m in metrics])),
                        "train_accuracy": float(np.mean([m["accuracy"] for m in metrics]))}
 
