@@ -7,7 +7,8 @@
     python evaluate.py --study strict --bn_mode all --workdir A --num_examples 1000
 
 --study picks what is measured (all of it written into --output_dir, default: the first
-workdir):
+workdir); each study is one entry of STUDIES below, with the flags it reads besides the
+common ones, and a flag of another study is refused rather than ignored:
   table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1):
                robustness.json/.md; each finished cell is kept in table-parts/, so the
                same command, restarted after a kill, goes on where it stopped
@@ -38,6 +39,7 @@ Every study prints where its report went.
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -116,8 +118,11 @@ flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
 _CONTROL_BATCH = flags.DEFINE_integer("control_batch_size", 50, "strict: size of the "
                                       "single-class (and matching mixed) control batches.")
 
-PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output_dir: awn-reports/<names>
-STUDIES = ("table", "eps-sweep", "steps-sweep", "batch", "strict")
+PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output-dir: awn-reports/<names>
+# Flags every study reads; each study names its own besides (Study.flags).
+COMMON_FLAGS = ("config", "workdir", "pretrained", "study", "bn_mode", "batch_size",
+                "num_examples", "seed", "epoch", "data_dir", "output_dir", "chunk_size",
+                "bn_stats", "bn_stats_images", "bn_stats_augment")
 
 
 def _numbers(flag, kind):
@@ -128,15 +133,130 @@ def _numbers(flag, kind):
                         f"{kind.__name__}s, got {','.join(flag.value)}") from None
 
 
-def main(argv):
-    del argv
+def _attack(default: str) -> str:
+    attack = _ATTACK.value or default
+    return attack if attack == "all" else attacks.check_attack_name(attack)
+
+
+def _pgd_only():
+    if _attack("pgd") != "pgd":
+        raise UserError(f"the sweeps are PGD sweeps; --attack {_ATTACK.value} is not supported")
+
+
+# ------------------------------------------------------------------------------ studies
+# Each: evaluate(run, bn_modes, batch_size, num_examples, output_dir) -> one run's result;
+# write(results of every run, output_dir) -> the Markdown it wrote.
+
+def _table_names():
+    attack = _attack("all")
+    return names.PAPER_ATTACKS if attack == "all" else (attack,)
+
+
+def _table(run, bn_modes, batch_size, num_examples, output_dir):
+    return robustness.evaluate_run(
+        run, _table_names(), bn_modes, eps=_EPS.value, steps=_STEPS.value,
+        step_size=_STEP_SIZE.value, batch_size=batch_size, num_examples=num_examples,
+        seed=_SEED.value, cache_dir=os.path.join(output_dir, "table-parts"))
+
+
+def _eps_sweep(run, bn_modes, batch_size, num_examples, output_dir):
+    return studies.eps_sweep(run, bn_modes, _numbers(_EPS_VALUES, float),
+                             steps=_STEPS.value or 7, batch_size=batch_size,
+                             num_examples=num_examples, seed=_SEED.value)
+
+
+def _steps_sweep(run, bn_modes, batch_size, num_examples, output_dir):
+    return studies.steps_sweep(run, bn_modes, _numbers(_STEPS_VALUES, int),
+                               eps=_EPS.value or attacks.DEFAULT_EPS,
+                               step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
+                               batch_size=batch_size, num_examples=num_examples,
+                               seed=_SEED.value)
+
+
+def _batch(run, bn_modes, batch_size, num_examples, output_dir):
+    return studies.batch_study(
+        run, bn_modes, num_examples=num_examples, batch_sizes=_numbers(_BATCH_SIZES, int),
+        batch_size=batch_size, partitions=_PARTITIONS.value,
+        attacked=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
+        max_passes=_PASSES.value, attack=_attack("pgd"), seed=_SEED.value)
+
+
+def _strict(run, bn_modes, batch_size, num_examples, output_dir):
+    budgets = strict.Budgets(
+        apgd_steps=_APGD_STEPS.value, square_queries=_SQUARE_QUERIES.value,
+        transfer_attack=_TRANSFER.value, eot_attacked=_EOT_ATTACKED.value,
+        eot_draws=_EOT_DRAWS.value, eot_steps=_EOT_STEPS.value,
+        mate_steps=_MATE_STEPS.value, mate_unbounded=_MATE_UNBOUNDED.value,
+        mate_sizes=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
+        control_batch_size=_CONTROL_BATCH.value)
+    return strict.strict_study(
+        run, bn_modes, num_examples=num_examples, batch_size=batch_size,
+        eps=_EPS.value or attacks.DEFAULT_EPS,
+        step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
+        budgets=budgets, cache_dir=os.path.join(output_dir, "strict-parts"))
+
+
+def _flattened(write):
+    return lambda results, output_dir: write([r for rows in results for r in rows], output_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """One study of this command: the flags it reads besides ``COMMON_FLAGS``, a check of
+    them before anything loads, its evaluation of one run and its report of all runs."""
+
+    flags: tuple[str, ...]
+    evaluate: Callable
+    write: Callable
+    check: Callable = lambda: None
+    batch_size: int = 500   # the default evaluation batch (BN statistics!)
+
+
+STUDIES = {
+    "table": Study(("attack", "eps", "steps", "step_size"), _table,
+                   _flattened(lambda rows, out: robustness.write_report(
+                       rows, _table_names(), out)), check=_table_names),
+    "eps-sweep": Study(("attack", "eps_values", "steps"), _eps_sweep,
+                       _flattened(lambda rows, out: studies.write_sweep(rows, "eps", out)),
+                       check=_pgd_only),
+    "steps-sweep": Study(("attack", "steps_values", "eps", "step_size"), _steps_sweep,
+                         _flattened(lambda rows, out: studies.write_sweep(rows, "steps", out)),
+                         check=_pgd_only),
+    "batch": Study(("attack", "batch_sizes", "partitions", "attacked_per_batch",
+                    "threat_passes"), _batch, studies.write_batch_study,
+                   check=lambda: _attack("pgd"), batch_size=128),
+    "strict": Study(("eps", "step_size", "apgd_steps", "square_queries", "transfer_attack",
+                     "eot_attacked", "eot_draws", "eot_steps", "mate_steps", "mate_unbounded",
+                     "attacked_per_batch", "control_batch_size"), _strict, strict.write_strict),
+}
+
+
+def _study() -> Study:
+    """The chosen study, refusing a flag that belongs only to other studies."""
     if _STUDY.value not in STUDIES:
         raise UserError(f"unknown study {_STUDY.value!r}; expected one of {', '.join(STUDIES)}")
-    attack = _ATTACK.value or ("all" if _STUDY.value == "table" else "pgd")
-    if attack != "all":
-        attacks.check_attack_name(attack)
-    if _STUDY.value in ("eps-sweep", "steps-sweep") and attack != "pgd":
-        raise UserError(f"the sweeps are PGD sweeps; --attack {attack} is not supported")
+    study = STUDIES[_STUDY.value]
+    for name in sorted({f for other in STUDIES.values() for f in other.flags}
+                       - set(study.flags)):
+        if flags.FLAGS[name].present:
+            readers = [s for s, other in STUDIES.items() if name in other.flags]
+            raise UserError(f"--{name} is a setting of --study {' / '.join(readers)}, "
+                            f"not of --study {_STUDY.value}")
+    study.check()
+    return study
+
+
+def _evaluate_detection(workdirs) -> None:
+    """VOC mAP and the per-class AP table of detection workdirs (Table 2)."""
+    results = [detection.evaluate_workdir(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value,
+                                          num_examples=_NUM_EXAMPLES.value,
+                                          output_dir=_OUTPUT_DIR.value) for w in workdirs]
+    print("\n\n".join([r["table"] for r in results] + [summary_table(results)]))
+
+
+def main(argv):
+    del argv
+    study = _study()
     bn_modes = check_bn_modes(EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
     num_examples = _NUM_EXAMPLES.value
     if _PRETRAINED.value:
@@ -152,68 +272,16 @@ def main(argv):
         if not workdirs:
             raise UserError("pass --workdir or --pretrained (or --config to use its workdir)")
         if any(detection.is_detection_workdir(w) for w in workdirs):
-            results = [detection.evaluate_workdir(
-                w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value,
-                num_examples=num_examples, output_dir=_OUTPUT_DIR.value)
-                for w in workdirs]
-            print("\n\n".join([r["table"] for r in results] + [summary_table(results)]))
-            return
+            return _evaluate_detection(workdirs)
         output_dir = _OUTPUT_DIR.value or workdirs[0]
         loaded = (load_run(w, epoch=_EPOCH.value, data_dir=_DATA_DIR.value) for w in workdirs)
-    # The evaluation batch: 500 (Table 1's), 128 for the batch study's partitions.
-    batch_size = _BATCH_SIZE.value or (128 if _STUDY.value == "batch" else 500)
+    batch_size = _BATCH_SIZE.value or study.batch_size
     bn_stats = _BN_STATS(batch_size)
     runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value).with_bn_stats(bn_stats)
             for run in loaded)
-
-    if _STUDY.value == "table":
-        attack_names = names.PAPER_ATTACKS if attack == "all" else (attack,)
-        rows = [row for run in runs for row in robustness.evaluate_run(
-            run, attack_names, bn_modes, eps=_EPS.value, steps=_STEPS.value,
-            step_size=_STEP_SIZE.value, batch_size=batch_size,
-            num_examples=num_examples, seed=_SEED.value,
-            cache_dir=os.path.join(output_dir, "table-parts"))]
-        print(robustness.write_report(rows, attack_names, output_dir))
-    elif _STUDY.value == "eps-sweep":
-        eps_values = _numbers(_EPS_VALUES, float)
-        rows = [row for run in runs for row in studies.eps_sweep(
-            run, bn_modes, eps_values,
-            steps=_STEPS.value or 7, batch_size=batch_size,
-            num_examples=num_examples, seed=_SEED.value)]
-        print(studies.write_sweep(rows, "eps", output_dir))
-    elif _STUDY.value == "steps-sweep":
-        steps_values = _numbers(_STEPS_VALUES, int)
-        rows = [row for run in runs for row in studies.steps_sweep(
-            run, bn_modes, steps_values,
-            eps=_EPS.value or attacks.DEFAULT_EPS,
-            step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
-            batch_size=batch_size, num_examples=num_examples,
-            seed=_SEED.value)]
-        print(studies.write_sweep(rows, "steps", output_dir))
-    elif _STUDY.value == "strict":
-        budgets = strict.Budgets(
-            apgd_steps=_APGD_STEPS.value, square_queries=_SQUARE_QUERIES.value,
-            transfer_attack=_TRANSFER.value, eot_attacked=_EOT_ATTACKED.value,
-            eot_draws=_EOT_DRAWS.value, eot_steps=_EOT_STEPS.value,
-            mate_steps=_MATE_STEPS.value, mate_unbounded=_MATE_UNBOUNDED.value,
-            mate_sizes=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
-            control_batch_size=_CONTROL_BATCH.value)
-        results = [strict.strict_study(
-            run, bn_modes, num_examples=num_examples,
-            batch_size=batch_size, eps=_EPS.value or attacks.DEFAULT_EPS,
-            step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
-            budgets=budgets, cache_dir=os.path.join(output_dir, "strict-parts"))
-            for run in runs]
-        print(strict.write_strict(results, output_dir))
-    else:
-        batch_sizes = _numbers(_BATCH_SIZES, int)
-        attacked = _numbers(_ATTACKED, int) if _ATTACKED.value else None
-        results = [studies.batch_study(
-            run, bn_modes, num_examples=num_examples,
-            batch_sizes=batch_sizes, batch_size=batch_size,
-            partitions=_PARTITIONS.value, attacked=attacked, max_passes=_PASSES.value,
-            attack=attack, seed=_SEED.value) for run in runs]
-        print(studies.write_batch_study(results, output_dir))
+    results = [study.evaluate(run, bn_modes, batch_size, num_examples, output_dir)
+               for run in runs]
+    print(study.write(results, output_dir))
     print(f"\nreport written to {os.path.abspath(output_dir)}")
 
 

@@ -273,6 +273,12 @@ def test_evaluation_rejects_bad_settings(run, tiny_run):
     (["--bn_mode", "train"], "error: unknown evaluation BN mode 'train'"),
     (["--study", "noise"], "error: unknown study 'noise'"),
     (["--workdir", "/nonexistent/run"], "error: no such workdir: /nonexistent/run"),
+    (["--study", "strict", "--attack", "fgsm"], "error: --attack is a setting of --study "
+                                               "table / eps-sweep / steps-sweep / batch, not "
+                                               "of --study strict"),
+    (["--apgd_steps", "5"], "error: --apgd_steps is a setting of --study strict, not of "
+                            "--study table"),
+    (["--study", "eps-sweep", "--attack", "fgsm"], "error: the sweeps are PGD sweeps"),
 ])
 def test_cli_reports_bad_input_in_one_line(args, message):
     result = subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO_ROOT,
