@@ -5,7 +5,8 @@ far longer than running (it roughly halves compile times).
 
 The cache and the optimization level go through the environment, so that the CLIs and
 notebooks the tests run as subprocesses get them too (the 8 devices do not: those run
-as a user's process would)."""
+as a user's process would). So does awn-jax's own cache (decoded image folders, compiled
+native kernels, re-estimated statistics): a test folder of its own, never the user's."""
 
 import os
 import tempfile
@@ -13,6 +14,7 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "awn_jax_test_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ["AWN_JAX_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "awn_jax_test_cache")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_backend_optimization_level=0").strip()
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from awn_jax import pretrained
+from awn_jax import paths, pretrained
 from awn_jax.errors import UserError
 from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.runs import load_run
@@ -39,11 +39,15 @@ def test_shipped_model_loads_offline_and_gives_its_logits(name):
 
 @pytest.fixture(scope="module")
 def cifar_folder(tmp_path_factory):
+    """The JPEG copy extracted to a temporary folder, its decoded arrays cached beside it
+    (a cache keyed by a temporary path would only fill the shared one)."""
     if not CIFAR_JPEG_TAR.exists() or shutil.which("tar") is None:
         pytest.skip(f"{CIFAR_JPEG_TAR} (and tar) needed")
     folder = tmp_path_factory.mktemp("cifar10")
     subprocess.run(["tar", "-xf", str(CIFAR_JPEG_TAR), "-C", str(folder)], check=True)
-    return str(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(paths.CACHE_ENV, str(folder / "cache"))
+        yield str(folder)
 
 
 @pytest.mark.slow
