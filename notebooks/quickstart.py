@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -110,10 +110,10 @@ import numpy as np
 from flax import nnx
 
 from awn_jax.nn import Conv2d, counting, create_model, set_bn_mode
+from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.ops import adder_conv2d
 from awn_jax.ops.reference import adder_conv2d_reference
 from awn_jax.robustness import attacks
-from awn_jax.robustness.table import EVAL_BN_MODES
 from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.metrics import read_metrics
 from awn_jax.training.runs import load_run
