@@ -14,9 +14,10 @@ in training), else every device runs it whole. The numbers do not depend on the 
 
 An attack is any hashable callable ``attack(logits_fn, images, labels, key, *args)``
 returning the adversarial images; ``args`` are traced (an eps sweep compiles once).
-:class:`awn_jax.robustness.attacks.Attack` is the one the project uses. With
-``score="mates"`` the attacker controls the first images of each batch and is scored by the
-others (the batch-mate threat model of :mod:`awn_jax.robustness.batch_attacks`).
+:class:`awn_jax.robustness.attacks.Attack` is the one the project uses.
+:meth:`Evaluator.mates_logits` scores the batch-mate threat model of
+:mod:`awn_jax.robustness.batch_attacks`: the attacker controls the first images of each
+batch and is scored by the others.
 """
 
 from __future__ import annotations
@@ -147,20 +148,30 @@ class Evaluator:
 
     def logits(self, images, labels, *, batch_size: int, bn_mode: str,
                attack: Attack | None = None, attack_args=(), attacked: int | None = None,
-               score: str = "attacked", attack_bn_mode: str | None = None, key=None,
-               params=None, batch_stats=None, on_batches=None) -> np.ndarray:
+               attack_bn_mode: str | None = None, **run) -> np.ndarray:
         """Logits, shape ``(num_batches, k, num_classes)``: the batches are consecutive
         ``batch_size`` slices of ``images`` and ``k`` is ``attacked`` (the first ``k`` of
         each batch, the only ones attacked and scored) or the whole batch. The attack is
         crafted under ``attack_bn_mode`` (default: ``bn_mode``) with key
         ``fold_in(key, i)`` for batch ``i`` (``key`` defaults to ``jax.random.key(0)``).
+        ``run``: ``key``, ``params``, ``batch_stats`` and ``on_batches(n)``, called after
+        every compiled call with the number of batches it scored (progress bars)."""
+        scoring = Scoring(bn_mode, attack, attacked, "attacked", attack_bn_mode)
+        return self._logits(scoring, images, labels, batch_size, attack_args, **run)
 
-        ``score="mates"``: the first ``attacked`` images are still the attacker's, but the
-        logits returned are those of the other ``batch_size - attacked`` (clean) images,
-        and the attack gets ``logits_fn(x) ->`` those logits and their labels, ``x`` being
-        the attacker's images (starting clean). ``on_batches(n)`` is called after every
-        compiled call with the number of batches it scored (progress bars)."""
-        scoring = Scoring(bn_mode, attack, attacked, score, attack_bn_mode)
+    def mates_logits(self, images, labels, *, batch_size: int, attacked: int, bn_mode: str,
+                     attack: Attack | None = None, attack_args=(), **run) -> np.ndarray:
+        """The batch-mate threat model (:mod:`awn_jax.robustness.batch_attacks`): the first
+        ``attacked`` images of each batch are the attacker's, and the logits returned are
+        those of the other ``batch_size - attacked`` (clean) images, shape
+        ``(num_batches, batch_size - attacked, num_classes)``. The attack gets
+        ``logits_fn(x) ->`` those logits and their labels, ``x`` being the attacker's images
+        (starting clean). ``run`` as for :meth:`logits`."""
+        scoring = Scoring(bn_mode, attack, attacked, "mates")
+        return self._logits(scoring, images, labels, batch_size, attack_args, **run)
+
+    def _logits(self, scoring, images, labels, batch_size, attack_args, *, key=None,
+                params=None, batch_stats=None, on_batches=None) -> np.ndarray:
         if jax.process_count() > 1:
             raise UserError("per-example evaluation runs on one host")
         if batch_size < 1 or len(images) % batch_size or not len(images):
@@ -197,9 +208,11 @@ class Evaluator:
                      time.perf_counter() - start)
         return np.concatenate(out)
 
-    def predictions(self, images, labels, **kwargs) -> np.ndarray:
-        """Predicted classes of :meth:`logits`, shape ``(num_batches, k)``."""
-        return np.argmax(self.logits(images, labels, **kwargs), axis=-1)
+    def predictions(self, images, labels, *, mates: bool = False, **kwargs) -> np.ndarray:
+        """Predicted classes of :meth:`logits` (``mates``: of :meth:`mates_logits`), shape
+        ``(num_batches, k)``."""
+        logits = self.mates_logits if mates else self.logits
+        return np.argmax(logits(images, labels, **kwargs), axis=-1)
 
     def accuracy(self, images, labels, **kwargs) -> float:
         """Accuracy of :meth:`predictions` on the examples it scores."""
@@ -208,11 +221,11 @@ class Evaluator:
 
     @staticmethod
     def scored_labels(labels, *, batch_size: int, attacked: int | None = None,
-                      score: str = "attacked", **_) -> np.ndarray:
-        """The labels of the examples :meth:`logits` scores, shaped like its predictions."""
+                      mates: bool = False, **_) -> np.ndarray:
+        """The labels of the examples :meth:`predictions` scores, shaped like them."""
         batches = np.asarray(labels).reshape(-1, batch_size)
         k = batch_size if attacked is None else attacked
-        return batches[:, k:] if score == "mates" else batches[:, :k]
+        return batches[:, k:] if mates else batches[:, :k]
 
     def _per_batch(self, scoring: Scoring, split: str):
         """The compiled program of ``scoring``; ``split``: how calls go over the devices,

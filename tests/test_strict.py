@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from awn_jax import reports
-from awn_jax.evaluation import Evaluator
+from awn_jax.evaluation import Evaluator, Scoring
 from awn_jax.robustness import strict
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
 from test_robustness import REPO_ROOT, TinyNet, resnet_workdir, tiny_run  # noqa: F401
@@ -35,8 +35,8 @@ def data(tiny_run):  # noqa: F811
 
 
 def mates_logits(run, images, labels, mode, attack=None, k=8, eps=0.3):
-    return run.evaluator.logits(
-        images, labels, batch_size=BATCH, bn_mode=mode, attacked=k, score="mates",
+    return run.evaluator.mates_logits(
+        images, labels, batch_size=BATCH, bn_mode=mode, attacked=k,
         attack=attack, attack_args=() if attack is None else (eps, eps / 4),
         key=jax.random.key(1))
 
@@ -240,11 +240,10 @@ def test_scoring_the_mates_needs_attacker_images_and_mates(run, data):
     images, labels = data
     for attacked in (None, BATCH):
         with pytest.raises(ValueError, match=r"scoring the mates needs attacked in \[1, 15\]"):
-            run.evaluator.logits(images, labels, batch_size=BATCH, bn_mode="tracked",
-                                 attacked=attacked, score="mates")
+            run.evaluator.mates_logits(images, labels, batch_size=BATCH, bn_mode="tracked",
+                                       attacked=attacked)
     with pytest.raises(ValueError, match="score must be"):
-        run.evaluator.logits(images, labels, batch_size=BATCH, bn_mode="tracked",
-                             score="others")
+        Scoring("tracked", score="others")
 
 
 def test_cli_strict_reports_bad_budgets_in_one_line(resnet_workdir):  # noqa: F811

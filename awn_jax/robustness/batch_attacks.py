@@ -8,7 +8,7 @@ per-batch key.
   Adversarial Risks of Test-Time Adaptation", ICML 2023, their Distribution Invading
   Attack): the adversary controls ``k`` images of a batch and perturbs them to raise the
   loss of the *other*, clean images, whose inputs it cannot touch. Run it with
-  ``Evaluator.logits(..., attacked=k, score="mates")``.
+  ``Evaluator.mates_logits(..., attacked=k)``.
 * :class:`EOTPartners` -- the perturbation of ``k`` images of a batch crafted without
   knowing the other images: the gradient is averaged over random batch partners drawn
   from a pool (expectation over transformation, Athalye et al., "Synthesizing Robust
@@ -50,7 +50,7 @@ class BatchMate:
     ties broken by the higher loss.
 
     Called as ``(logits_fn, images, mate_labels, key, eps, step_size)``: ``logits_fn``
-    maps the attacker's images to the mates' logits (``score="mates"``). Under
+    maps the attacker's images to the mates' logits (``Evaluator.mates_logits``). Under
     ``tracked`` the mates' logits do not depend on the attacker's images, the gradient is
     exactly zero and the mates are scored exactly as without attack.
     """

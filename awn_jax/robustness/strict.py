@@ -77,6 +77,20 @@ class Budgets:
     mate_sizes: tuple[int, ...] | None = None
     control_batch_size: int = 50
 
+    def resolved(self, batch_size: int) -> Budgets:
+        """These budgets with the defaults that depend on the batch filled in (EOT's ``k``,
+        the harm curve's sizes) and checked against it: the one place they are decided."""
+        resolved = dataclasses.replace(
+            self, eot_attacked=self.eot_attacked or max(1, batch_size // 10),
+            mate_sizes=tuple(self.mate_sizes or harm_sizes(batch_size)))
+        attacks.check_attack_name(self.transfer_attack)
+        for what, k in [("EOT's", resolved.eot_attacked)] + [
+                ("the batch-mate", k) for k in self.mate_sizes or ()]:
+            if not 1 <= k < batch_size:
+                raise UserError(f"{what} attacked images per batch must be in "
+                                f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
+        return resolved
+
 
 def harm_sizes(batch_size: int) -> tuple[int, ...]:
     """k = 1 and 5%, 10%, 25% of the batch (rounded up), without repeats."""
@@ -100,7 +114,7 @@ def worst_case(per_example: dict) -> np.ndarray:
 
 class _Study:
     """The evaluations of one run, all through ``run.evaluator``; each part saved under
-    ``cache_dir`` (if given) with the study's ``settings``."""
+    ``cache_dir`` (if given) with the study's ``settings``; ``budgets`` resolved."""
 
     def __init__(self, run, images, labels, *, batch_size, eps, step_size, seed, budgets,
                  settings, cache_dir, progress):
@@ -171,13 +185,10 @@ class _Study:
         per_example["worst"] = worst_case(per_example)
         return {name: binomial(v) for name, v in per_example.items()}
 
-    def eot_attacked(self) -> int:
-        return self.budgets.eot_attacked or max(1, self.batch_size // 10)
-
     def eot(self, mode) -> np.ndarray:
         """Each group of ``k`` examples crafted by EOT over partners drawn from the
         evaluated images, then scored among ``B - k`` fresh random partners."""
-        k, b, n = self.eot_attacked(), self.batch_size, len(self.labels)
+        k, b, n = self.budgets.eot_attacked, self.batch_size, len(self.labels)
         order = np.random.default_rng([self.seed, 13]).integers(0, n, (n // k, b - k))
         rows = np.concatenate([np.concatenate([np.arange(i * k, (i + 1) * k), partners])
                                for i, partners in enumerate(order)])
@@ -194,14 +205,14 @@ class _Study:
         attack = (BatchMate(b.mate_steps), (eps, eps / 4))
 
         def point(k):
-            common = dict(attacked=k, score="mates")
+            common = dict(attacked=k, mates=True)
             clean = self.correct(mode, **common)
             attacked = self.correct(mode, attack=attack, key_name="mates", **common)
             return {"k": k, "fraction": k / self.batch_size, "clean": binomial(clean),
                     "attacked": binomial(attacked), "flipped": int(np.sum(clean != attacked))}
 
         return [self.part(mode, f"harm-k{k}", functools.partial(point, k))
-                for k in self.settings["budgets"]["mate_sizes"]]
+                for k in b.mate_sizes]
 
     def controls(self, mode) -> dict:
         size = self.budgets.control_batch_size
@@ -231,21 +242,16 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
     each finished part saved under ``cache_dir`` (if given) and reused by a later call
     with the same weights (``run.weights_sha256``) and settings."""
     check_bn_modes(bn_modes)
-    attacks.check_attack_name(budgets.transfer_attack)
-    eot_k = budgets.eot_attacked or max(1, batch_size // 10)
-    for what, k in [("EOT's", eot_k)] + [("the batch-mate", k) for k in
-                                         budgets.mate_sizes or ()]:
-        if not 1 <= k < batch_size:
-            raise UserError(f"{what} attacked images per batch must be in "
-                            f"[1, {batch_size - 1}] for batches of {batch_size}, got {k}")
-    images, labels = run.test_set(num_examples, multiple_of=math.lcm(batch_size, eot_k))
+    budgets = budgets.resolved(batch_size)
+    images, labels = run.test_set(num_examples,
+                                  multiple_of=math.lcm(batch_size, budgets.eot_attacked))
     settings = {"run": run.label, "model": run.architecture, "workdir": run.workdir,
                 "epoch": run.epoch, "weights_sha256": run.weights_sha256,
                 "num_examples": len(images), "batch_size": batch_size,
                 "eps": eps, "step_size": step_size, "seed": seed,
-                "budgets": {**dataclasses.asdict(budgets), "eot_attacked": eot_k,
-                            "mate_sizes": list(budgets.mate_sizes or harm_sizes(batch_size))}}
-    parts = len(CHECKS) - 1 + len(settings["budgets"]["mate_sizes"]) + 3  # worst: no part
+                "budgets": {**dataclasses.asdict(budgets),
+                            "mate_sizes": list(budgets.mate_sizes)}}
+    parts = len(CHECKS) - 1 + len(budgets.mate_sizes) + 3  # worst: no part
     with tqdm.tqdm(total=parts * len(bn_modes), desc=run.label, unit="part",
                    disable=not show_progress) as progress:
         study = _Study(run, images, labels, batch_size=batch_size, eps=eps,

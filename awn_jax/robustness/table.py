@@ -47,6 +47,7 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
     batches = sum(len(labels[rows]) // size for rows, size in parts if labels[rows].size)
 
     def cell(mode, name, progress):
+        """Accuracy of one (BN mode, attack) cell; ``name`` None: clean."""
         attack, args = configured.get(name, (None, ()))
         key = attacks.named_key(seed, name or "clean", KEY_IDS)
         correct = 0
@@ -59,18 +60,22 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                 correct += int(np.sum(predictions.reshape(-1) == labels[rows]))
         return correct / len(images)
 
-    def cached_cell(mode, name, progress):
-        if cache_dir is None:
-            return cell(mode, name, progress)
+    def cell_settings(name) -> dict:
+        """What a cached cell's number depends on besides its BN mode."""
         attack, args = configured.get(name, (None, ()))
-        cell_key = {"run": run.label, "weights_sha256": run.weights_sha256,
+        settings = {"run": run.label, "weights_sha256": run.weights_sha256,
                     "bn_stats": run.bn_stats.label(), "num_examples": len(images),
                     "batch_size": batch_size, "seed": seed,
                     "attack": None if attack is None else {
                         "name": attack.name, "steps": attack.steps, "eps": args[0],
                         "step_size": args[1]}}
         if name == "square":
-            cell_key["square_corners"] = attacks.SQUARE_CORNERS
+            settings["square_corners"] = attacks.SQUARE_CORNERS
+        return settings
+
+    def cached_cell(mode, name, progress):
+        if cache_dir is None:
+            return cell(mode, name, progress)
         computed = []
 
         def compute():
@@ -79,7 +84,7 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
 
         accuracy = reports.cached(
             cache_dir, reports.portable_stem(f"{run.label}-{mode}-{name or 'clean'}"),
-            {"settings": cell_key}, compute)
+            {"settings": cell_settings(name)}, compute)
         if not computed:  # read back: the bar moves as if it had been evaluated
             progress.update(batches)
         return accuracy
