@@ -7,8 +7,9 @@
     python evaluate.py --study strict --bn_mode all --workdir A --num_examples 1000
 
 --study picks what is measured (all of it written into --output_dir, default: the first
-workdir); each study is one entry of STUDIES below, with the flags it reads besides the
-common ones, and a flag of another study is refused rather than ignored:
+workdir); each study is one entry of STUDIES below, with its settings (the flags it reads
+besides the common ones; `--study NAME --help` lists them with their defaults), and a flag
+of another study is refused rather than ignored:
   table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1):
                robustness.json/.md; each finished cell is kept in table-parts/, so the
                same command, restarted after a kill, goes on where it stopped
@@ -39,7 +40,7 @@ Every study prints where its report went.
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from absl import flags
 from ml_collections import config_flags
@@ -60,17 +61,10 @@ _PRETRAINED = flags.DEFINE_multi_string(
     "pretrained", None, "Shipped model(s) to evaluate, e.g. cifar10_r20_awn (see "
     "awn_jax.pretrained.names()).")
 _STUDY = flags.DEFINE_string("study", "table",
-                             "table | eps-sweep | steps-sweep | batch | strict.")
-_ATTACK = flags.DEFINE_string(
-    "attack", None, "Attack name; 'all' (the paper's five) for the table, the default there. "
-    "The sweeps are PGD; the batch study uses this one attack (default pgd) at the "
-    "paper's settings (--eps/--steps/--step_size are for the table and the sweeps).")
+                             "table | eps-sweep | steps-sweep | batch | strict; "
+                             "--study NAME --help lists that study's own settings.")
 _BN_MODE = flags.DEFINE_list("bn_mode", ["all"], "tracked | running-mean | running, or a "
                              "comma-separated list of them, or all.")
-_EPS = flags.DEFINE_float("eps", None, "L-inf radius (default 8/255).", lower_bound=0)
-_STEPS = flags.DEFINE_integer("steps", None, "Iterations (default: per attack, as the paper).",
-                              lower_bound=0)
-_STEP_SIZE = flags.DEFINE_float("step_size", None, "Step size (default 2/255).", lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Evaluation batch (BN statistics!); default 500, and 128 for the "
     "partitions and threat models of the batch study.", lower_bound=1)
@@ -83,156 +77,248 @@ _EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the lat
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data location, if it moved since training.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the report (default: "
                                   "the first workdir; awn-reports/NAME for --pretrained).")
-_EPS_VALUES = flags.DEFINE_list("eps_values", [f"{e:g}" for e in studies.SWEEP_EPS],
-                                "eps-sweep: the eps values.")
-_STEPS_VALUES = flags.DEFINE_list("steps_values", [str(s) for s in studies.SWEEP_STEPS],
-                                  "steps-sweep: the step counts.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", [str(b) for b in studies.BATCH_SIZES],
-                                 "batch study: the evaluation batch sizes.")
-_PARTITIONS = flags.DEFINE_integer("partitions", 5, "batch study: random partitions.",
-                                   lower_bound=1)
-_ATTACKED = flags.DEFINE_list("attacked_per_batch", None,
-                              "batch study: images the attacker controls per batch "
-                              "(default: 1, 10% and all of --batch_size); strict study: "
-                              "the harm curve's k (default: 1, 5%, 10%, 25%).")
-_PASSES = flags.DEFINE_integer("threat_passes", 8, "batch study: rotations of the attacked "
-                               "slots per batch (more attacked examples, more time).",
-                               lower_bound=1)
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "Studies: examples per compiled call.",
                               lower_bound=1)
-_APGD_STEPS = flags.DEFINE_integer("apgd_steps", 100, "strict: APGD-CE/-DLR iterations.")
-_SQUARE_QUERIES = flags.DEFINE_integer("square_queries", 5000,
-                                       "strict: Square's query budget per image.")
-_TRANSFER = flags.DEFINE_string("transfer_attack", "pgd",
-                                "strict: attack crafted under tracked, scored in the batch.")
-_EOT_ATTACKED = flags.DEFINE_integer("eot_attacked", None, "strict: images per batch "
-                                     "crafted by EOT over random partners (default 10%).")
-_EOT_DRAWS = flags.DEFINE_integer("eot_draws", 4, "strict: partner batches per EOT step.")
-_EOT_STEPS = flags.DEFINE_integer("eot_steps", 10, "strict: EOT's PGD steps.")
-_MATE_STEPS = flags.DEFINE_integer("mate_steps", 20, "strict: steps of the batch-mate "
-                                   "attack (step eps/4).")
-_MATE_UNBOUNDED = flags.DEFINE_bool("mate_unbounded", False, "strict: the batch-mate "
-                                    "attacker's images are free in [0, 1], not in the ball.")
 _BN_STATS = cli.define_bn_stats_flags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
-_CONTROL_BATCH = flags.DEFINE_integer("control_batch_size", 50, "strict: size of the "
-                                      "single-class (and matching mixed) control batches.")
 
-PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output-dir: awn-reports/<names>
-# Flags every study reads; each study names its own besides (Study.flags).
+# The studies' own settings: each flag's default is None, and a study given no value uses
+# its settings dataclass's default (below), so each default is written once, per study.
+flags.DEFINE_string("attack", None, "Attack name; all: the paper's five (table only).")
+flags.DEFINE_float("eps", None, "L-inf radius.", lower_bound=0)
+flags.DEFINE_integer("steps", None, "Attack iterations (table: none given, each attack's "
+                     "own, as the paper).", lower_bound=0)
+flags.DEFINE_float("step_size", None, "Attack step size.", lower_bound=0)
+flags.DEFINE_list("eps_values", None, "The eps values.")
+flags.DEFINE_list("steps_values", None, "The step counts.")
+flags.DEFINE_list("batch_sizes", None, "The evaluation batch sizes.")
+flags.DEFINE_integer("partitions", None, "Random partitions into batches.", lower_bound=1)
+flags.DEFINE_list("attacked_per_batch", None, "Images the attacker controls per batch "
+                  "(batch: none given, 1, 10% and all of --batch_size; strict: the harm "
+                  "curve's k, none given, 1, 5%, 10% and 25%).")
+flags.DEFINE_integer("threat_passes", None, "Rotations of the attacked slots per batch "
+                     "(more attacked examples, more time).", lower_bound=1)
+flags.DEFINE_integer("apgd_steps", None, "APGD-CE/-DLR iterations.", lower_bound=1)
+flags.DEFINE_integer("square_queries", None, "Square's query budget per image.",
+                     lower_bound=1)
+flags.DEFINE_string("transfer_attack", None, "Attack crafted under tracked, scored in the "
+                    "batch.")
+flags.DEFINE_integer("eot_attacked", None, "Images per batch crafted by EOT over random "
+                     "partners (none given: 10%).", lower_bound=1)
+flags.DEFINE_integer("eot_draws", None, "Partner batches per EOT step.", lower_bound=1)
+flags.DEFINE_integer("eot_steps", None, "EOT's PGD steps.", lower_bound=1)
+flags.DEFINE_integer("mate_steps", None, "Steps of the batch-mate attack (step eps/4).",
+                     lower_bound=1)
+flags.DEFINE_bool("mate_unbounded", None, "The batch-mate attacker's images are free in "
+                  "[0, 1], not in the ball.")
+flags.DEFINE_integer("control_batch_size", None, "Size of the single-class (and matching "
+                     "mixed) control batches.", lower_bound=1)
+LIST_ITEMS = {"eps_values": float, "steps_values": int, "batch_sizes": int,
+              "attacked_per_batch": int}
+
+PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output_dir: awn-reports/<names>
+# Flags every study reads; each study's own are the fields of its settings.
 COMMON_FLAGS = ("config", "workdir", "pretrained", "study", "bn_mode", "batch_size",
                 "num_examples", "seed", "epoch", "data_dir", "output_dir", "chunk_size",
                 "bn_stats", "bn_stats_images", "bn_stats_augment")
 
 
-def _numbers(flag, kind):
-    try:
-        return tuple(kind(v) for v in flag.value)
-    except ValueError:
-        raise UserError(f"--{flag.name} must be a comma-separated list of "
-                        f"{kind.__name__}s, got {','.join(flag.value)}") from None
+# ------------------------------------------------------------------------------ settings
+
+def _attack_name(name: str) -> str:
+    return name if name == "all" else attacks.check_attack_name(name)
 
 
-def _attack(default: str) -> str:
-    attack = _ATTACK.value or default
-    return attack if attack == "all" else attacks.check_attack_name(attack)
+def _pgd(settings):
+    if settings.attack != "pgd":
+        raise UserError(f"the sweeps are PGD sweeps; --attack {settings.attack} is not "
+                        "supported")
 
 
-def _pgd_only():
-    if _attack("pgd") != "pgd":
-        raise UserError(f"the sweeps are PGD sweeps; --attack {_ATTACK.value} is not supported")
+@dataclasses.dataclass(frozen=True)
+class TableSettings:
+    """Table 1: clean and each attack; eps, steps, step_size None: each attack's paper
+    settings."""
+    attack: str = "all"
+    eps: float | None = None
+    steps: int | None = None
+    step_size: float | None = None
+
+    @property
+    def attack_names(self) -> tuple[str, ...]:
+        return names.PAPER_ATTACKS if self.attack == "all" else (self.attack,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsSweepSettings:
+    """Fig. 2a: PGD-``steps`` at each eps, step eps/7."""
+    attack: str = "pgd"
+    eps_values: tuple[float, ...] = studies.SWEEP_EPS
+    steps: int = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsSweepSettings:
+    """Fig. 2b: PGD at each step count, at eps and step_size."""
+    attack: str = "pgd"
+    steps_values: tuple[int, ...] = studies.SWEEP_STEPS
+    eps: float = attacks.DEFAULT_EPS
+    step_size: float = attacks.DEFAULT_STEP_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSettings:
+    """Batch dependence: batch sizes, partitions, attackers controlling part of a batch;
+    ``attacked_per_batch`` None: 1, 10% and all of the batch."""
+    attack: str = "pgd"
+    batch_sizes: tuple[int, ...] = studies.BATCH_SIZES
+    partitions: int = 5
+    attacked_per_batch: tuple[int, ...] | None = None
+    threat_passes: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class StrictSettings(strict.Budgets):
+    """The strict study's budgets (AutoAttack's by default) at eps and step_size."""
+    eps: float = attacks.DEFAULT_EPS
+    step_size: float = attacks.DEFAULT_STEP_SIZE
+
+    @property
+    def budgets(self) -> strict.Budgets:
+        return strict.Budgets(**{f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(strict.Budgets)})
 
 
 # ------------------------------------------------------------------------------ studies
-# Each: evaluate(run, bn_modes, batch_size, num_examples, output_dir) -> one run's result;
-# write(results of every run, output_dir) -> the Markdown it wrote.
+# Each: evaluate(run, settings, bn_modes, batch_size, num_examples, output_dir) -> one run's
+# result; write(results of every run, settings, output_dir) -> the Markdown it wrote.
 
-def _table_names():
-    attack = _attack("all")
-    return names.PAPER_ATTACKS if attack == "all" else (attack,)
-
-
-def _table(run, bn_modes, batch_size, num_examples, output_dir):
+def _table(run, settings, bn_modes, batch_size, num_examples, output_dir):
     return robustness.evaluate_run(
-        run, _table_names(), bn_modes, eps=_EPS.value, steps=_STEPS.value,
-        step_size=_STEP_SIZE.value, batch_size=batch_size, num_examples=num_examples,
+        run, settings.attack_names, bn_modes, eps=settings.eps, steps=settings.steps,
+        step_size=settings.step_size, batch_size=batch_size, num_examples=num_examples,
         seed=_SEED.value, cache_dir=os.path.join(output_dir, "table-parts"))
 
 
-def _eps_sweep(run, bn_modes, batch_size, num_examples, output_dir):
-    return studies.eps_sweep(run, bn_modes, _numbers(_EPS_VALUES, float),
-                             steps=_STEPS.value or 7, batch_size=batch_size,
-                             num_examples=num_examples, seed=_SEED.value)
+def _eps_sweep(run, settings, bn_modes, batch_size, num_examples, output_dir):
+    return studies.eps_sweep(run, bn_modes, settings.eps_values, steps=settings.steps,
+                             batch_size=batch_size, num_examples=num_examples,
+                             seed=_SEED.value)
 
 
-def _steps_sweep(run, bn_modes, batch_size, num_examples, output_dir):
-    return studies.steps_sweep(run, bn_modes, _numbers(_STEPS_VALUES, int),
-                               eps=_EPS.value or attacks.DEFAULT_EPS,
-                               step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE,
-                               batch_size=batch_size, num_examples=num_examples,
-                               seed=_SEED.value)
+def _steps_sweep(run, settings, bn_modes, batch_size, num_examples, output_dir):
+    return studies.steps_sweep(run, bn_modes, settings.steps_values, eps=settings.eps,
+                               step_size=settings.step_size, batch_size=batch_size,
+                               num_examples=num_examples, seed=_SEED.value)
 
 
-def _batch(run, bn_modes, batch_size, num_examples, output_dir):
+def _batch(run, settings, bn_modes, batch_size, num_examples, output_dir):
     return studies.batch_study(
-        run, bn_modes, num_examples=num_examples, batch_sizes=_numbers(_BATCH_SIZES, int),
-        batch_size=batch_size, partitions=_PARTITIONS.value,
-        attacked=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
-        max_passes=_PASSES.value, attack=_attack("pgd"), seed=_SEED.value)
+        run, bn_modes, num_examples=num_examples, batch_sizes=settings.batch_sizes,
+        batch_size=batch_size, partitions=settings.partitions,
+        attacked=settings.attacked_per_batch, max_passes=settings.threat_passes,
+        attack=settings.attack, seed=_SEED.value)
 
 
-def _strict(run, bn_modes, batch_size, num_examples, output_dir):
-    budgets = strict.Budgets(
-        apgd_steps=_APGD_STEPS.value, square_queries=_SQUARE_QUERIES.value,
-        transfer_attack=_TRANSFER.value, eot_attacked=_EOT_ATTACKED.value,
-        eot_draws=_EOT_DRAWS.value, eot_steps=_EOT_STEPS.value,
-        mate_steps=_MATE_STEPS.value, mate_unbounded=_MATE_UNBOUNDED.value,
-        mate_sizes=_numbers(_ATTACKED, int) if _ATTACKED.value else None,
-        control_batch_size=_CONTROL_BATCH.value)
+def _strict(run, settings, bn_modes, batch_size, num_examples, output_dir):
     return strict.strict_study(
-        run, bn_modes, num_examples=num_examples, batch_size=batch_size,
-        eps=_EPS.value or attacks.DEFAULT_EPS,
-        step_size=_STEP_SIZE.value or attacks.DEFAULT_STEP_SIZE, seed=_SEED.value,
-        budgets=budgets, cache_dir=os.path.join(output_dir, "strict-parts"))
+        run, bn_modes, num_examples=num_examples, batch_size=batch_size, eps=settings.eps,
+        step_size=settings.step_size, seed=_SEED.value, budgets=settings.budgets,
+        cache_dir=os.path.join(output_dir, "strict-parts"))
 
 
 def _flattened(write):
-    return lambda results, output_dir: write([r for rows in results for r in rows], output_dir)
+    return lambda results, settings, output_dir: write(
+        [r for rows in results for r in rows], settings, output_dir)
 
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """One study of this command: the flags it reads besides ``COMMON_FLAGS``, a check of
-    them before anything loads, its evaluation of one run and its report of all runs."""
+    """One study of this command: its settings (a frozen dataclass whose fields are its own
+    flags, named as in ``flag_names`` where they differ), a check of them before anything
+    loads, its evaluation of one run and its report of all runs."""
 
-    flags: tuple[str, ...]
+    summary: str
+    settings: type
     evaluate: Callable
     write: Callable
-    check: Callable = lambda: None
+    check: Callable = lambda settings: None
     batch_size: int = 500   # the default evaluation batch (BN statistics!)
+    flag_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def flag(self, field: str) -> str:
+        return self.flag_names.get(field, field)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(self.flag(f.name) for f in dataclasses.fields(self.settings))
+
+    def settings_from_flags(self):
+        """The settings given on the command line, the dataclass's defaults for the rest."""
+        values = {}
+        for field in dataclasses.fields(self.settings):
+            flag = flags.FLAGS[self.flag(field.name)]
+            if flag.value is None:
+                continue
+            values[field.name] = flag.value
+            if flag.name in LIST_ITEMS:
+                kind = LIST_ITEMS[flag.name]
+                try:
+                    values[field.name] = tuple(kind(v) for v in flag.value)
+                except ValueError:
+                    raise UserError(f"--{flag.name} must be a comma-separated list of "
+                                    f"{kind.__name__}s, got {','.join(flag.value)}") from None
+        settings = self.settings(**values)
+        self.check(settings)
+        return settings
+
+    def help(self, name: str) -> str:
+        """``evaluate.py --study NAME --help``: this study's settings, then the common flags."""
+        lines = [f"evaluate.py --study {name}: {self.summary}", "", "Its settings:"]
+        for field in dataclasses.fields(self.settings):
+            flag = flags.FLAGS[self.flag(field.name)]
+            default = field.default
+            shown = ",".join(f"{v:.4g}" for v in default) if isinstance(default, tuple) else (
+                f"{default:.4g}" if isinstance(default, float) else default)
+            lines.append(f"  --{flag.name}: {flag.help}"
+                         + ("" if default is None else f" (default: {shown})"))
+        lines += ["", f"Default --batch_size: {self.batch_size}. Flags of every study: "
+                  + ", ".join(f"--{f}" for f in COMMON_FLAGS)
+                  + "; python evaluate.py --help describes them."]
+        return "\n".join(lines)
 
 
 STUDIES = {
-    "table": Study(("attack", "eps", "steps", "step_size"), _table,
-                   _flattened(lambda rows, out: robustness.write_report(
-                       rows, _table_names(), out)), check=_table_names),
-    "eps-sweep": Study(("attack", "eps_values", "steps"), _eps_sweep,
-                       _flattened(lambda rows, out: studies.write_sweep(rows, "eps", out)),
-                       check=_pgd_only),
-    "steps-sweep": Study(("attack", "steps_values", "eps", "step_size"), _steps_sweep,
-                         _flattened(lambda rows, out: studies.write_sweep(rows, "steps", out)),
-                         check=_pgd_only),
-    "batch": Study(("attack", "batch_sizes", "partitions", "attacked_per_batch",
-                    "threat_passes"), _batch, studies.write_batch_study,
-                   check=lambda: _attack("pgd"), batch_size=128),
-    "strict": Study(("eps", "step_size", "apgd_steps", "square_queries", "transfer_attack",
-                     "eot_attacked", "eot_draws", "eot_steps", "mate_steps", "mate_unbounded",
-                     "attacked_per_batch", "control_batch_size"), _strict, strict.write_strict),
+    "table": Study(
+        "rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1)",
+        TableSettings, _table,
+        _flattened(lambda rows, settings, out: robustness.write_report(
+            rows, settings.attack_names, out)),
+        check=lambda settings: _attack_name(settings.attack)),
+    "eps-sweep": Study(
+        "PGD accuracy vs eps, step eps/7 (Fig. 2a)", EpsSweepSettings, _eps_sweep,
+        _flattened(lambda rows, settings, out: studies.write_sweep(rows, "eps", out)),
+        check=_pgd),
+    "steps-sweep": Study(
+        "PGD accuracy vs steps (Fig. 2b)", StepsSweepSettings, _steps_sweep,
+        _flattened(lambda rows, settings, out: studies.write_sweep(rows, "steps", out)),
+        check=_pgd),
+    "batch": Study(
+        "accuracy vs evaluation batch size, random partitions into batches, attackers "
+        "controlling part of each batch, transfer from tracked", BatchSettings, _batch,
+        lambda results, settings, out: studies.write_batch_study(results, out),
+        check=lambda settings: attacks.check_attack_name(settings.attack), batch_size=128),
+    "strict": Study(
+        "APGD-CE/-DLR, Square, transfer from tracked, EOT over unknown batch partners, "
+        "worst case, harm to batch mates, controls (docs/ROBUSTNESS.md)", StrictSettings,
+        _strict, lambda results, settings, out: strict.write_strict(results, out),
+        flag_names={"mate_sizes": "attacked_per_batch"}),
 }
 
 
-def _study() -> Study:
-    """The chosen study, refusing a flag that belongs only to other studies."""
+def _study() -> tuple[Study, object]:
+    """The chosen study and its settings, refusing a flag that belongs only to other
+    studies."""
     if _STUDY.value not in STUDIES:
         raise UserError(f"unknown study {_STUDY.value!r}; expected one of {', '.join(STUDIES)}")
     study = STUDIES[_STUDY.value]
@@ -242,8 +328,19 @@ def _study() -> Study:
             readers = [s for s, other in STUDIES.items() if name in other.flags]
             raise UserError(f"--{name} is a setting of --study {' / '.join(readers)}, "
                             f"not of --study {_STUDY.value}")
-    study.check()
-    return study
+    return study, study.settings_from_flags()
+
+
+def study_help(argv) -> str | None:
+    """The help of the study named in ``argv`` when it asks for --help, else None."""
+    if not {"--help", "-h", "-?"} & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        name = (arg.partition("=")[2] if arg.startswith("--study=") else
+                argv[i + 1] if arg == "--study" and i + 1 < len(argv) else None)
+        if name in STUDIES:
+            return STUDIES[name].help(name)
+    return None
 
 
 def _evaluate_detection(workdirs) -> None:
@@ -256,7 +353,7 @@ def _evaluate_detection(workdirs) -> None:
 
 def main(argv):
     del argv
-    study = _study()
+    study, settings = _study()
     bn_modes = check_bn_modes(EVAL_BN_MODES if _BN_MODE.value == ["all"] else _BN_MODE.value)
     num_examples = _NUM_EXAMPLES.value
     if _PRETRAINED.value:
@@ -279,11 +376,11 @@ def main(argv):
     bn_stats = _BN_STATS(batch_size)
     runs = (dataclasses.replace(run, eval_chunk_size=_CHUNK.value).with_bn_stats(bn_stats)
             for run in loaded)
-    results = [study.evaluate(run, bn_modes, batch_size, num_examples, output_dir)
+    results = [study.evaluate(run, settings, bn_modes, batch_size, num_examples, output_dir)
                for run in runs]
-    print(study.write(results, output_dir))
+    print(study.write(results, settings, output_dir))
     print(f"\nreport written to {os.path.abspath(output_dir)}")
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, help_for=study_help)

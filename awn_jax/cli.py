@@ -8,6 +8,7 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from absl import app, flags, logging
@@ -68,8 +69,12 @@ def _underscored(argv, flag_values) -> list[str]:
     return result
 
 
-def _parse_flags(argv):
+def _parse_flags(argv, help_for=None):
     argv = _underscored(argv, flags.FLAGS)
+    text = help_for(argv) if help_for else None
+    if text is not None:   # a command's own help for what argv names (evaluate's studies)
+        print(text)
+        sys.exit(0)
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
@@ -82,10 +87,11 @@ def _parse_flags(argv):
     return remaining
 
 
-def run(main) -> None:
+def run(main, help_for=None) -> None:
     """``app.run(main)`` with one-line errors for bad flags, configs and inputs, and absl
     logging at WARNING unless ``--verbosity`` is given (Orbax logs every checkpoint save
-    and restore at INFO)."""
+    and restore at INFO). ``help_for(argv)``: a help text that replaces absl's --help for
+    this command line, or None."""
     def guarded(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
@@ -94,7 +100,7 @@ def run(main) -> None:
         except UserError as error:
             sys.exit(f"error: {error}")
 
-    app.run(guarded, flags_parser=_parse_flags)
+    app.run(guarded, flags_parser=functools.partial(_parse_flags, help_for=help_for))
 
 
 def define_bn_stats_flags():

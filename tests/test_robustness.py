@@ -26,7 +26,7 @@ from awn_jax.evaluation import Evaluator
 from awn_jax.model import apply_model, split_model
 from awn_jax.nn import BatchNorm, Conv2d
 from awn_jax.names import PAPER_ATTACKS
-from awn_jax.robustness import attacks, studies
+from awn_jax.robustness import attacks, strict, studies
 from awn_jax.training.runs import Run, load_run
 from configs import smoke
 from workdirs import random_workdir
@@ -287,6 +287,38 @@ def test_cli_reports_bad_input_in_one_line(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("study, own, foreign", [
+    ("strict", ["--apgd_steps: APGD-CE/-DLR iterations. (default: 100)",
+                "--eps: L-inf radius. (default: 0.03137)", "--attacked_per_batch"],
+     ["--attack:", "--eps_values", "--partitions"]),
+    ("eps-sweep", ["--eps_values: The eps values. (default: 0.01,0.02,",
+                   "(default: 7)"], ["--apgd_steps", "--batch_sizes"]),
+    ("batch", ["--partitions: Random partitions into batches. (default: 5)",
+               "Default --batch_size: 128"], ["--apgd_steps", "--eps:"]),
+])
+def test_cli_study_help_lists_that_study_settings_only(study, own, foreign):
+    result = subprocess.run([sys.executable, "evaluate.py", f"--study={study}", "--help"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"evaluate.py --study {study}: ")
+    for text in own:
+        assert text in result.stdout
+    for text in foreign:
+        assert text not in result.stdout
+
+
+def test_study_settings_defaults_are_the_library_defaults():
+    import evaluate   # the only test importing a CLI module (its flags are global)
+    assert evaluate.StrictSettings().budgets == strict.Budgets()
+    assert evaluate.EpsSweepSettings().eps_values == studies.SWEEP_EPS
+    assert evaluate.StepsSweepSettings().steps_values == studies.SWEEP_STEPS
+    assert evaluate.BatchSettings().batch_sizes == studies.BATCH_SIZES
+    assert evaluate.TableSettings().attack_names == PAPER_ATTACKS
+    assert set(evaluate.STUDIES["strict"].flags) >= {"attacked_per_batch", "apgd_steps"}
+    assert not set(evaluate.COMMON_FLAGS) & {f for s in evaluate.STUDIES.values()
+                                            for f in s.flags}
 
 
 def test_cli_evaluates_with_reestimated_statistics_and_names_them(resnet_workdir, tmp_path):
