@@ -636,10 +636,19 @@ def configured(name: str, *, eps=None, step_size=None, steps=None) -> tuple[Atta
             (settings["eps"], settings["step_size"]))
 
 
-def named_key(seed: int, name: str, ids: Mapping[str, int]) -> jax.Array:
-    """The random key of the evaluation ``name`` in a study: ``fold_in(key(seed), ids[name])``
-    with ``ids`` the study's frozen table (names it lacks: their CRC-32). Keyed by name, so
-    adding, dropping or reordering a study's evaluations leaves the others' numbers as
-    they were; a table only grows, its numbers never change (cached results depend on them)."""
+def root_key(seed: int) -> jax.Array:
+    """A study's root key, from which :func:`named_key` folds each evaluation's. Where one
+    key is meant to be shared (every point of a PGD sweep starts from the same random
+    points, so a curve's steps are the sweep's, not the draw's), it is this one."""
+    return jax.random.key(seed)
+
+
+def named_key(seed: int, name: str, ids: Mapping[str, int] | None = None) -> jax.Array:
+    """The random key of the evaluation ``name`` in a study: ``fold_in(root_key(seed),
+    ids[name])`` with ``ids`` the study's frozen table (names it lacks: their CRC-32). Keyed
+    by name, so adding, dropping or reordering a study's evaluations leaves the others'
+    numbers as they were; a table only grows, its numbers never change (cached results
+    depend on them)."""
+    ids = ids or {}
     number = ids[name] if name in ids else zlib.crc32(name.encode()) & 0x7FFFFFFF
-    return jax.random.fold_in(jax.random.key(seed), number)
+    return jax.random.fold_in(root_key(seed), number)

@@ -28,13 +28,13 @@ examples into batches.
 
 All evaluations run through the run's :class:`awn_jax.evaluation.Evaluator` (every group
 of examples with its own batch statistics, spread over the devices). Every study uses the
-same first ``N`` examples of the fixed test order, with ``N`` a multiple of the largest batch size of the study.
+same first ``N`` examples of the fixed test order, with ``N`` a multiple of the largest
+batch size of the study.
 """
 
 from __future__ import annotations
 
 
-import jax
 import numpy as np
 
 from awn_jax import reports
@@ -61,13 +61,15 @@ def single_class_order(labels, batch_size: int) -> np.ndarray:
 
 
 def predictions(run, images, labels, *, attack: str | None = None, eps=None, step_size=None,
-                steps=None, seed: int = 0, **kwargs) -> np.ndarray:
+                steps=None, key=None, **kwargs) -> np.ndarray:
     """``run.evaluator.predictions`` with the attack given by name and settings (the
-    paper's for those left None) and the keys drawn from ``seed``."""
+    paper's for those left None) and the keys drawn from ``key`` (default:
+    ``attacks.root_key(0)``)."""
     configured = (None, ()) if attack is None else attacks.configured(
         attack, eps=eps, step_size=step_size, steps=steps)
     return run.evaluator.predictions(images, labels, attack=configured[0],
-                                     attack_args=configured[1], key=jax.random.key(seed),
+                                     attack_args=configured[1],
+                                     key=attacks.root_key(0) if key is None else key,
                                      **kwargs)
 
 
@@ -106,8 +108,8 @@ def _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed):
         common = dict(batch_size=batch_size, bn_mode=mode)
         clean = accuracy(run, images, labels, **common)
         for values in settings:
-            attacked = accuracy(run, images, labels, attack="pgd", seed=seed, **values,
-                                **common)
+            attacked = accuracy(run, images, labels, attack="pgd",
+                                key=attacks.root_key(seed), **values, **common)
             rows.append(_sweep_row(run, mode, len(images), batch_size, clean,
                                    **values, accuracy=attacked))
     return rows
@@ -167,7 +169,8 @@ def batch_size_rows(run, images, labels, bn_modes, batch_sizes=BATCH_SIZES, *,
             rows.append({"run": run.label, "bn_mode": mode,
                          "batch_size": batch_size, "num_examples": len(images),
                          "clean": accuracy(run, images, labels, **common),
-                         attack: accuracy(run, images, labels, attack=attack, seed=seed,
+                         attack: accuracy(run, images, labels, attack=attack,
+                                          key=attacks.root_key(seed),
                                           **common)})
     return rows
 
@@ -189,7 +192,7 @@ def shuffle_rows(run, images, labels, bn_modes, *, batch_size=128, partitions=5,
             for p, order in enumerate(orders):
                 predicted[p, order] = predictions(
                     run, images[order], labels[order], batch_size=batch_size, bn_mode=mode,
-                    attack=None if name == "clean" else attack, seed=seed + 1000 * (p + 1)
+                    attack=None if name == "clean" else attack, key=pass_key(seed, p)
                 ).reshape(-1)
             accuracies = np.mean(predicted == labels, axis=1)
             row[name] = {"mean": float(accuracies.mean()), "std": float(accuracies.std()),
@@ -220,7 +223,7 @@ def threat_rows(run, images, labels, bn_modes, *, batch_size=128, attacked=None,
                 scored = rolled_labels.reshape(-1, batch_size)[:, :k]
                 clean.append(predictions(run, rolled, rolled_labels, **common) == scored)
                 robust.append(predictions(run, rolled, rolled_labels, attack=attack,
-                                          seed=seed + 1000 * (p + 1), **common) == scored)
+                                          key=pass_key(seed, p), **common) == scored)
             rows.append(_threat_row(run, mode, batch_size,
                                     "whole batch" if k == batch_size else f"{k} per batch",
                                     np.concatenate(clean), np.concatenate(robust), attack))
@@ -228,11 +231,18 @@ def threat_rows(run, images, labels, bn_modes, *, batch_size=128, attacked=None,
             clean = predictions(run, images, labels, batch_size=batch_size,
                                 bn_mode=mode) == labels.reshape(-1, batch_size)
             robust = predictions(run, images, labels, batch_size=batch_size, bn_mode=mode,
-                                 attack=attack, attack_bn_mode="tracked", seed=seed)
+                                 attack=attack, attack_bn_mode="tracked",
+                                 key=attacks.root_key(seed))
             rows.append(_threat_row(run, mode, batch_size,
                                     "whole batch, crafted under tracked", clean,
                                     robust == labels.reshape(-1, batch_size), attack))
     return rows
+
+
+def pass_key(seed: int, p: int):
+    """The key of pass ``p`` (a partition, a rotation of the attacked slots) of the batch
+    study: named, as every study's keys (``attacks.named_key``)."""
+    return attacks.named_key(seed, f"pass-{p}")
 
 
 def _rolled(array, batch_size, shift):
