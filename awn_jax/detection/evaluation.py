@@ -4,12 +4,10 @@ every test batch, map the detections back to the original images, score them wit
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import numpy as np
 
+from awn_jax import reports
 from awn_jax.detection import voc_eval
 
 
@@ -50,11 +48,7 @@ def write_report(result: dict, output_dir: str, epoch: int) -> str:
     table = voc_eval.ap_table(result, result["class_names"])
     text = f"VOC mAP after epoch {epoch}\n\n{table}\n"
     if jax.process_index() == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "detection_eval.json"), "w") as f:
-            json.dump(dict(result, epoch=epoch), f, indent=2)
-        with open(os.path.join(output_dir, "detection_eval.md"), "w") as f:
-            f.write(text)
+        reports.write(output_dir, "detection_eval", dict(result, epoch=epoch), text)
     return text
 
 
