@@ -80,41 +80,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the report
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "Studies: examples per compiled call.",
                               lower_bound=1)
 _BN_STATS = cli.define_bn_stats_flags()
-flags.adopt_module_key_flags(cli)  # --help lists the shared flags defined there
-
-# The studies' own settings: each flag's default is None, and a study given no value uses
-# its settings dataclass's default (below), so each default is written once, per study.
-flags.DEFINE_string("attack", None, "Attack name; all: the paper's five (table only).")
-flags.DEFINE_float("eps", None, "L-inf radius.", lower_bound=0)
-flags.DEFINE_integer("steps", None, "Attack iterations (table: none given, each attack's "
-                     "own, as the paper).", lower_bound=0)
-flags.DEFINE_float("step_size", None, "Attack step size.", lower_bound=0)
-flags.DEFINE_list("eps_values", None, "The eps values.")
-flags.DEFINE_list("steps_values", None, "The step counts.")
-flags.DEFINE_list("batch_sizes", None, "The evaluation batch sizes.")
-flags.DEFINE_integer("partitions", None, "Random partitions into batches.", lower_bound=1)
-flags.DEFINE_list("attacked_per_batch", None, "Images the attacker controls per batch "
-                  "(batch: none given, 1, 10% and all of --batch_size; strict: the harm "
-                  "curve's k, none given, 1, 5%, 10% and 25%).")
-flags.DEFINE_integer("threat_passes", None, "Rotations of the attacked slots per batch "
-                     "(more attacked examples, more time).", lower_bound=1)
-flags.DEFINE_integer("apgd_steps", None, "APGD-CE/-DLR iterations.", lower_bound=1)
-flags.DEFINE_integer("square_queries", None, "Square's query budget per image.",
-                     lower_bound=1)
-flags.DEFINE_string("transfer_attack", None, "Attack crafted under tracked, scored in the "
-                    "batch.")
-flags.DEFINE_integer("eot_attacked", None, "Images per batch crafted by EOT over random "
-                     "partners (none given: 10%).", lower_bound=1)
-flags.DEFINE_integer("eot_draws", None, "Partner batches per EOT step.", lower_bound=1)
-flags.DEFINE_integer("eot_steps", None, "EOT's PGD steps.", lower_bound=1)
-flags.DEFINE_integer("mate_steps", None, "Steps of the batch-mate attack (step eps/4).",
-                     lower_bound=1)
-flags.DEFINE_bool("mate_unbounded", None, "The batch-mate attacker's images are free in "
-                  "[0, 1], not in the ball.")
-flags.DEFINE_integer("control_batch_size", None, "Size of the single-class (and matching "
-                     "mixed) control batches.", lower_bound=1)
-LIST_ITEMS = {"eps_values": float, "steps_values": int, "batch_sizes": int,
-              "attacked_per_batch": int}
 
 PRETRAINED_REPORTS = "awn-reports"  # --pretrained without --output_dir: awn-reports/<names>
 # Flags every study reads; each study's own are the fields of its settings.
@@ -135,14 +100,25 @@ def _pgd(settings):
                         "supported")
 
 
+def _setting(default, help_text, lower_bound=None):
+    """A settings field: its default, and its flag's help and lower bound."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help_text, "lower_bound": lower_bound})
+
+
+_EPS = "L-inf radius."
+_STEP_SIZE = "Attack step size."
+
+
 @dataclasses.dataclass(frozen=True)
 class TableSettings:
     """Table 1: clean and each attack; eps, steps, step_size None: each attack's paper
     settings."""
-    attack: str = "all"
-    eps: float | None = None
-    steps: int | None = None
-    step_size: float | None = None
+    attack: str = _setting("all", "Attack name, or all: the paper's five.")
+    eps: float | None = _setting(None, _EPS + " (none given: 8/255)", 0)
+    steps: int | None = _setting(None, "Iterations (none given: each attack's own, as the "
+                                 "paper: FGSM 1, BIM and PGD 7, MIM and RFGSM 5).", 0)
+    step_size: float | None = _setting(None, _STEP_SIZE + " (none given: 2/255)", 0)
 
     @property
     def attack_names(self) -> tuple[str, ...]:
@@ -152,36 +128,39 @@ class TableSettings:
 @dataclasses.dataclass(frozen=True)
 class EpsSweepSettings:
     """Fig. 2a: PGD-``steps`` at each eps, step eps/7."""
-    attack: str = "pgd"
-    eps_values: tuple[float, ...] = studies.SWEEP_EPS
-    steps: int = 7
+    attack: str = _setting("pgd", "The sweeps are PGD sweeps.")
+    eps_values: tuple[float, ...] = _setting(studies.SWEEP_EPS, "The eps values.")
+    steps: int = _setting(7, "PGD iterations.", 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepsSweepSettings:
     """Fig. 2b: PGD at each step count, at eps and step_size."""
-    attack: str = "pgd"
-    steps_values: tuple[int, ...] = studies.SWEEP_STEPS
-    eps: float = attacks.DEFAULT_EPS
-    step_size: float = attacks.DEFAULT_STEP_SIZE
+    attack: str = _setting("pgd", "The sweeps are PGD sweeps.")
+    steps_values: tuple[int, ...] = _setting(studies.SWEEP_STEPS, "The step counts.")
+    eps: float = _setting(attacks.DEFAULT_EPS, _EPS, 0)
+    step_size: float = _setting(attacks.DEFAULT_STEP_SIZE, _STEP_SIZE, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSettings:
-    """Batch dependence: batch sizes, partitions, attackers controlling part of a batch;
-    ``attacked_per_batch`` None: 1, 10% and all of the batch."""
-    attack: str = "pgd"
-    batch_sizes: tuple[int, ...] = studies.BATCH_SIZES
-    partitions: int = 5
-    attacked_per_batch: tuple[int, ...] | None = None
-    threat_passes: int = 8
+    """Batch dependence: batch sizes, partitions, attackers controlling part of a batch."""
+    attack: str = _setting("pgd", "The attack of every row, at the paper's settings.")
+    batch_sizes: tuple[int, ...] = _setting(studies.BATCH_SIZES,
+                                            "The evaluation batch sizes.")
+    partitions: int = _setting(5, "Random partitions into batches.", 1)
+    attacked_per_batch: tuple[int, ...] | None = _setting(
+        None, "Images the attacker controls per batch (none given: 1, 10% and all of "
+        "--batch_size).")
+    threat_passes: int = _setting(8, "Rotations of the attacked slots per batch (more "
+                                  "attacked examples, more time).", 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class StrictSettings(strict.Budgets):
     """The strict study's budgets (AutoAttack's by default) at eps and step_size."""
-    eps: float = attacks.DEFAULT_EPS
-    step_size: float = attacks.DEFAULT_STEP_SIZE
+    eps: float = _setting(attacks.DEFAULT_EPS, _EPS, 0)
+    step_size: float = _setting(attacks.DEFAULT_STEP_SIZE, _STEP_SIZE, 0)
 
     @property
     def budgets(self) -> strict.Budgets:
@@ -235,8 +214,8 @@ def _flattened(write):
 @dataclasses.dataclass(frozen=True)
 class Study:
     """One study of this command: its settings (a frozen dataclass whose fields are its own
-    flags, named as in ``flag_names`` where they differ), a check of them before anything
-    loads, its evaluation of one run and its report of all runs."""
+    flags, named as in ``flag_names`` where they differ; ``awn_jax.cli``), a check of them
+    before anything loads, its evaluation of one run and its report of all runs."""
 
     summary: str
     settings: type
@@ -246,46 +225,24 @@ class Study:
     batch_size: int = 500   # the default evaluation batch (BN statistics!)
     flag_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def flag(self, field: str) -> str:
-        return self.flag_names.get(field, field)
-
     @property
     def flags(self) -> tuple[str, ...]:
-        return tuple(self.flag(f.name) for f in dataclasses.fields(self.settings))
+        return tuple(name for name, _, _ in cli.settings_fields(self.settings,
+                                                                  self.flag_names))
 
     def settings_from_flags(self):
-        """The settings given on the command line, the dataclass's defaults for the rest."""
-        values = {}
-        for field in dataclasses.fields(self.settings):
-            flag = flags.FLAGS[self.flag(field.name)]
-            if flag.value is None:
-                continue
-            values[field.name] = flag.value
-            if flag.name in LIST_ITEMS:
-                kind = LIST_ITEMS[flag.name]
-                try:
-                    values[field.name] = tuple(kind(v) for v in flag.value)
-                except ValueError:
-                    raise UserError(f"--{flag.name} must be a comma-separated list of "
-                                    f"{kind.__name__}s, got {','.join(flag.value)}") from None
-        settings = self.settings(**values)
+        settings = cli.settings_from_flags(self.settings, self.flag_names)
         self.check(settings)
         return settings
 
     def help(self, name: str) -> str:
         """``evaluate.py --study NAME --help``: this study's settings, then the common flags."""
-        lines = [f"evaluate.py --study {name}: {self.summary}", "", "Its settings:"]
-        for field in dataclasses.fields(self.settings):
-            flag = flags.FLAGS[self.flag(field.name)]
-            default = field.default
-            shown = ",".join(f"{v:.4g}" for v in default) if isinstance(default, tuple) else (
-                f"{default:.4g}" if isinstance(default, float) else default)
-            lines.append(f"  --{flag.name}: {flag.help}"
-                         + ("" if default is None else f" (default: {shown})"))
-        lines += ["", f"Default --batch_size: {self.batch_size}. Flags of every study: "
-                  + ", ".join(f"--{f}" for f in COMMON_FLAGS)
-                  + "; python evaluate.py --help describes them."]
-        return "\n".join(lines)
+        return "\n".join([
+            f"evaluate.py --study {name}: {self.summary}", "", "Its settings:",
+            *cli.settings_help(self.settings, self.flag_names), "",
+            f"Default --batch_size: {self.batch_size}. Flags of every study: "
+            + ", ".join(f"--{f}" for f in COMMON_FLAGS)
+            + "; python evaluate.py --help describes them."])
 
 
 STUDIES = {
@@ -314,6 +271,11 @@ STUDIES = {
         _strict, lambda results, settings, out: strict.write_strict(results, out),
         flag_names={"mate_sizes": "attacked_per_batch"}),
 }
+
+
+for _each in STUDIES.values():   # one flag per setting; a study's own default applies
+    cli.define_settings_flags(_each.settings, _each.flag_names)
+flags.adopt_module_key_flags(cli)  # --help lists the flags defined there
 
 
 def _study() -> tuple[Study, object]:

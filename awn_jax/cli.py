@@ -8,8 +8,11 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+import types
+import typing
 
 from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
@@ -122,3 +125,75 @@ def define_bn_stats_flags():
                                 "(crop + flip).")
     return lambda batch_size: BNStats(source.value, num_images=images.value,
                                       augment=augment.value, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------ settings dataclasses
+# A command's settings as a frozen dataclass: each field one flag of default None (the
+# dataclass's default applies when the flag is not given), its kind from the field's type,
+# its help and lower bound from the field's metadata ({"help": ..., "lower_bound": ...}).
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           bool: flags.DEFINE_bool}
+
+
+def _field_kind(hint) -> tuple[type, type | None]:
+    """``(kind, item)``: ``int | None`` -> ``(int, None)``, ``tuple[float, ...]`` ->
+    ``(tuple, float)``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return tuple, typing.get_args(hint)[0]
+    return hint, None
+
+
+def settings_fields(settings_type, flag_names=None):
+    """``(flag name, field, (kind, item))`` of each field of ``settings_type``."""
+    hints = typing.get_type_hints(settings_type)
+    names = flag_names or {}
+    return [(names.get(f.name, f.name), f, _field_kind(hints[f.name]))
+            for f in dataclasses.fields(settings_type)]
+
+
+def define_settings_flags(settings_type, flag_names=None) -> None:
+    """One flag per field of ``settings_type`` (fields shared with an earlier settings type
+    share its flag)."""
+    for name, field, (kind, _) in settings_fields(settings_type, flag_names):
+        if name in flags.FLAGS:
+            continue
+        help_text = field.metadata.get("help", "")
+        if kind is tuple:
+            flags.DEFINE_list(name, None, help_text)
+        elif kind is bool:
+            flags.DEFINE_bool(name, None, help_text)
+        else:
+            bound = field.metadata.get("lower_bound")
+            extra = {} if bound is None or kind is str else {"lower_bound": bound}
+            _DEFINE[kind](name, None, help_text, **extra)
+
+
+def settings_from_flags(settings_type, flag_names=None):
+    """``settings_type`` with the values of the flags given, its defaults for the rest."""
+    values = {}
+    for name, field, (kind, item) in settings_fields(settings_type, flag_names):
+        value = flags.FLAGS[name].value
+        if value is not None and kind is tuple:
+            try:
+                value = tuple(item(v) for v in value)
+            except ValueError:
+                raise UserError(f"--{name} must be a comma-separated list of "
+                                f"{item.__name__}s, got {','.join(value)}") from None
+        if value is not None:
+            values[field.name] = value
+    return settings_type(**values)
+
+
+def settings_help(settings_type, flag_names=None) -> list[str]:
+    """One line per field: its flag, help and default."""
+    lines = []
+    for name, field, _ in settings_fields(settings_type, flag_names):
+        default = field.default
+        shown = (",".join(f"{v:.4g}" for v in default) if isinstance(default, tuple) else
+                 f"{default:.4g}" if isinstance(default, float) else default)
+        lines.append(f"  --{name}: {field.metadata.get('help', '')}"
+                     + ("" if default is None else f" (default: {shown})"))
+    return lines

@@ -60,22 +60,32 @@ KEY_IDS = {"clean": 0, "pgd": 1, "apgd-ce": 2, "apgd-dlr": 3, "square": 4, "tran
            "eot": 6, "worst": 7, "mates": 8}
 
 
+def _budget(default, help_text):
+    """A field with its help (``evaluate.py --study strict --help``) and lower bound 1."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "lower_bound": 1})
+
+
 @dataclasses.dataclass(frozen=True)
 class Budgets:
     """Attack strengths. Defaults: AutoAttack's (APGD 100 iterations, Square 5,000
     queries); EOT ``eot_attacked`` None: 10% of the batch; ``mate_sizes`` (the attacker's
     images per batch of the harm curve) None: ``harm_sizes(batch_size)``."""
 
-    apgd_steps: int = 100
-    square_queries: int = 5000
-    transfer_attack: str = "pgd"
-    eot_attacked: int | None = None
-    eot_draws: int = 4
-    eot_steps: int = 10
-    mate_steps: int = 20
-    mate_unbounded: bool = False
-    mate_sizes: tuple[int, ...] | None = None
-    control_batch_size: int = 50
+    apgd_steps: int = _budget(100, "APGD-CE/-DLR iterations.")
+    square_queries: int = _budget(5000, "Square's query budget per image.")
+    transfer_attack: str = _budget("pgd", "Attack crafted under tracked, scored in the batch.")
+    eot_attacked: int | None = _budget(None, "Images per batch crafted by EOT over random "
+                                       "partners (none given: 10%).")
+    eot_draws: int = _budget(4, "Partner batches per EOT step.")
+    eot_steps: int = _budget(10, "EOT's PGD steps.")
+    mate_steps: int = _budget(20, "Steps of the batch-mate attack (step eps/4).")
+    mate_unbounded: bool = _budget(False, "The batch-mate attacker's images are free in "
+                                   "[0, 1], not in the ball.")
+    mate_sizes: tuple[int, ...] | None = _budget(
+        None, "The harm curve's k, images the attacker controls per batch (none given: 1, "
+        "5%, 10% and 25% of the batch).")
+    control_batch_size: int = _budget(50, "Size of the single-class (and matching mixed) "
+                                      "control batches.")
 
     def resolved(self, batch_size: int) -> Budgets:
         """These budgets with the defaults that depend on the batch filled in (EOT's ``k``,
