@@ -16,6 +16,11 @@ Square; the ``batch - k`` clean mates for the batch-mate attack (``k = batch/4``
 
     python bench/attacks.py --batch 128 --repeats 3
     python bench/attacks.py --attacks pgd square --square-queries 500 --layer-types adder
+    python bench/attacks.py --attacks pgd --unroll-max-steps 0 10   # loop vs unrolled
+
+``--unroll-max-steps`` sets ``attacks.UNROLL_MAX_STEPS`` (0: every attack loop rolled; the
+default unrolls the paper's short attacks on the CPU), each value a block of rows; "time vs
+first" compares a row with the same row under the first value.
 """
 
 from __future__ import annotations
@@ -118,6 +123,8 @@ def main():
     parser.add_argument("--mate-steps", type=int, default=10)
     parser.add_argument("--eot-draws", type=int, default=2)
     parser.add_argument("--eot-steps", type=int, default=5)
+    parser.add_argument("--unroll-max-steps", type=int, nargs="+",
+                        default=[attacks.UNROLL_MAX_STEPS])
     args = parser.parse_args()
     device = jax.devices()[0]
     print(f"# attacks + scoring, resnet20, batch {args.batch}, median of {args.repeats}; "
@@ -127,21 +134,27 @@ def main():
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"{device.platform} ({device.device_kind}); adder implementation "
           f"{resolve_implementation()}; load average at start {os.getloadavg()[0]:.2f}")
-    print("| attack | layer type | BN mode | ms / batch | ms / iteration | images/s | "
-          "time vs conv | time vs tracked | compile s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| unrolled up to | attack | layer type | BN mode | ms / batch | ms / iteration | "
+          "images/s | time vs conv | time vs tracked | time vs first | compile s |")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     seconds = {}
-    for name in args.attacks:
-        for layer_type in args.layer_types:
-            for mode in args.bn_modes:
-                s, compile_seconds, scored, iterations = time_attack(name, layer_type, mode,
-                                                                     args)
-                seconds[name, layer_type, mode] = s
-                vs_conv = s / seconds.get((name, "conv", mode), float("nan"))
-                vs_tracked = s / seconds.get((name, layer_type, "tracked"), float("nan"))
-                print(f"| {name} | {layer_type} | {mode} | {1e3 * s:.0f} | "
-                      f"{1e3 * s / iterations:.0f} | {scored / s:.2f} | {vs_conv:.2f}x | "
-                      f"{vs_tracked:.2f}x | {compile_seconds:.0f} |", flush=True)
+    first = args.unroll_max_steps[0]
+    for unroll in args.unroll_max_steps:
+        attacks.UNROLL_MAX_STEPS = unroll
+        for name in args.attacks:
+            for layer_type in args.layer_types:
+                for mode in args.bn_modes:
+                    s, compile_seconds, scored, iterations = time_attack(name, layer_type,
+                                                                         mode, args)
+                    seconds[unroll, name, layer_type, mode] = s
+                    nan = float("nan")
+                    vs_conv = s / seconds.get((unroll, name, "conv", mode), nan)
+                    vs_tracked = s / seconds.get((unroll, name, layer_type, "tracked"), nan)
+                    vs_first = s / seconds.get((first, name, layer_type, mode), nan)
+                    print(f"| {unroll} | {name} | {layer_type} | {mode} | {1e3 * s:.0f} | "
+                          f"{1e3 * s / iterations:.0f} | {scored / s:.2f} | {vs_conv:.2f}x | "
+                          f"{vs_tracked:.2f}x | {vs_first:.2f}x | {compile_seconds:.0f} |",
+                          flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -167,6 +167,27 @@ def test_different_keys_differ_for_randomized_attacks(name):
     assert float(jnp.mean(a != b)) > 0.05
 
 
+@pytest.mark.parametrize("name", ["bim", "pgd", "mim", "rfgsm"])
+def test_unrolled_iterations_equal_the_loop_in_float64(name, monkeypatch):
+    """The CPU unrolls the short attacks (attacks.iterate): the same iterates as the loop."""
+    def adversarial(unroll_max_steps):
+        monkeypatch.setattr(attacks, "UNROLL_MAX_STEPS", unroll_max_steps)
+        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), init_params(6))
+        run = jax.jit(lambda p, x, y, key: attacks.attack(
+            name, functools.partial(apply, p), x, y, key=key, steps=STEPS[name]))
+        args = (params, jnp.asarray(mid_images(7), jnp.float64), random_labels(8),
+                jax.random.key(3))
+        return run(*args), run.lower(*args).as_text().count("stablehlo.while")
+
+    default = attacks.UNROLL_MAX_STEPS
+    assert STEPS[name] <= default
+    with jax.enable_x64():
+        (rolled, loops), (unrolled, fewer) = adversarial(0), adversarial(default)
+    assert loops == fewer + 1   # the attack's loop is gone (random draws may hold others)
+    assert float(jnp.max(jnp.abs(rolled - mid_images(7)))) > 0   # the attack moved
+    np.testing.assert_allclose(unrolled, rolled, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_attacks_ignore_key(name):
     params = init_params(6)

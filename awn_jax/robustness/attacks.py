@@ -33,7 +33,8 @@ and returns adversarial images of the shape and dtype of ``images``.
   (it is static: it fixes the loop length and APGD's checkpoint schedule); ``eps`` and
   ``step_size`` may be Python floats or traced scalars, so one compilation can serve an
   eps sweep when they are passed as jit arguments. Iterations run in
-  ``jax.lax.fori_loop``, so compile time does not grow with ``steps``.
+  ``jax.lax.fori_loop``, so compile time does not grow with ``steps``; on the CPU the short
+  loops of the paper's attacks are unrolled instead (:func:`iterate`).
 
 Library versions referred to below, read from the torchattacks sources
 (Harry24k/adversarial-attacks-pytorch): "torchattacks 2.x" is release 2.12.0 (the 2.x
@@ -151,13 +152,27 @@ def _require_key(key, name):
     return key
 
 
+# XLA:CPU runs a convolution's input gradient 4-5x slower inside a loop than unrolled (a
+# CNN's PGD step on 500 images: 6.8 s against 1.4 s; the adder kernels are custom calls and
+# do not slow down; bench/RESULTS.md), so loops of up to this many iterations are unrolled
+# on the CPU: the paper's attacks (at most 7), not APGD or Square.
+UNROLL_MAX_STEPS = 10
+
+
+def iterate(steps: int, body, init):
+    """``jax.lax.fori_loop(0, steps, body, init)``, unrolled on the CPU when ``steps`` is at
+    most ``UNROLL_MAX_STEPS`` (same operations; compile time grows with ``steps``)."""
+    unroll = jax.default_backend() == "cpu" and steps <= UNROLL_MAX_STEPS
+    return jax.lax.fori_loop(0, steps, body, init, unroll=bool(unroll and steps))
+
+
 def _sign_steps(logits_fn, x, labels, x_start, eps, step_size, steps):
     """``steps`` iterations of x <- P(x + step_size * sign(grad)) from ``x_start``."""
     def body(_, x_adv):
         grad = _loss_grad(logits_fn, x_adv, labels)
         return _project(x_adv + step_size * jnp.sign(grad), x, eps)
 
-    return jax.lax.fori_loop(0, steps, body, x_start)
+    return iterate(steps, body, x_start)
 
 
 # ----------------------------------------------------------------------------- attacks
@@ -242,7 +257,7 @@ def mim(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_EPS,
         momentum = decay * momentum + normalized
         return _project(x_adv + step_size * jnp.sign(momentum), x, eps), momentum
 
-    x_adv, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
+    x_adv, _ = iterate(steps, body, (x, jnp.zeros_like(x)))
     return x_adv
 
 
@@ -299,7 +314,7 @@ def rfgsm_legacy(logits_fn: LogitsFn, images, labels, *, key=None, eps=DEFAULT_E
         grad = _loss_grad(logits_fn, x_adv, labels)
         return jnp.clip(x_adv + (eps - step_size) * jnp.sign(grad), 0.0, 1.0)
 
-    return jax.lax.fori_loop(0, steps, body, x_start)
+    return iterate(steps, body, x_start)
 
 
 # ----------------------------------------------------------------------------- APGD
