@@ -255,3 +255,35 @@ def test_cli_strict_reports_bad_budgets_in_one_line(resnet_workdir):  # noqa: F8
     assert ("error: EOT's attacked images per batch must be in [1, 15] for batches of 16, "
             "got 16") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("attack, gradients", [(BatchMate(5), 5),
+                                               (EOTPartners(2, draws=2, steps=3), 6)])
+def test_batch_attacks_unrolled_equal_the_loop_in_float64(attack, gradients, monkeypatch):
+    """On the CPU the batch attacks' loops are unrolled (attacks.iterate) up to
+    UNROLL_MAX_STEPS gradients: the same iterates as the loop, on a batch-dependent toy."""
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(12, 3))
+    images, labels = rng.uniform(size=(8, 2, 2, 3)), rng.integers(0, 3, 8)
+
+    def logits_fn(x):   # depends on the batch through its mean, as "-R" does
+        flat = x.reshape(x.shape[0], -1)
+        return (flat - flat.mean(0)) @ weights
+
+    def run(unroll_max_steps):
+        monkeypatch.setattr(strict.attacks, "UNROLL_MAX_STEPS", unroll_max_steps)
+        if isinstance(attack, BatchMate):
+            fn = jax.jit(lambda x, key: attack(
+                lambda z: logits_fn(x.at[:2].set(z))[2:], x[:2], labels[2:], key, 0.1, 0.025))
+        else:
+            fn = jax.jit(lambda x, key: attack(logits_fn, x, labels, key, 0.1, 0.025, x))
+        args = (jnp.asarray(images), jax.random.key(1))
+        return fn(*args), fn.lower(*args).as_text().count("stablehlo.while")
+
+    default = strict.attacks.UNROLL_MAX_STEPS
+    assert gradients <= default
+    with jax.enable_x64():
+        (rolled, loops), (unrolled, fewer) = run(0), run(default)
+    assert loops > fewer
+    assert float(jnp.max(jnp.abs(rolled[:2] - images[:2]))) > 0
+    np.testing.assert_allclose(unrolled, rolled, rtol=0, atol=1e-12)

@@ -159,10 +159,12 @@ def _require_key(key, name):
 UNROLL_MAX_STEPS = 10
 
 
-def iterate(steps: int, body, init):
-    """``jax.lax.fori_loop(0, steps, body, init)``, unrolled on the CPU when ``steps`` is at
-    most ``UNROLL_MAX_STEPS`` (same operations; compile time grows with ``steps``)."""
-    unroll = jax.default_backend() == "cpu" and steps <= UNROLL_MAX_STEPS
+def iterate(steps: int, body, init, *, gradients: int | None = None):
+    """``jax.lax.fori_loop(0, steps, body, init)``, unrolled on the CPU when the gradients
+    it would copy (``gradients``, default ``steps``; a loop nested in another counts both)
+    are at most ``UNROLL_MAX_STEPS`` (same operations; compile time grows with them)."""
+    unrolled = gradients if gradients is not None else steps
+    unroll = jax.default_backend() == "cpu" and unrolled <= UNROLL_MAX_STEPS
     return jax.lax.fori_loop(0, steps, body, init, unroll=bool(unroll and steps))
 
 

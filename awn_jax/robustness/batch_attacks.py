@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from awn_jax.errors import UserError
-from awn_jax.robustness.attacks import _check_steps, _project
+from awn_jax.robustness.attacks import _check_steps, _project, iterate
 
 
 def _mean_ce(logits, labels):
@@ -62,7 +62,7 @@ class BatchMate:
 
         def objective(z):
             logits = logits_fn(z)
-            wrong = jnp.sum(jnp.argmax(logits, -1) != mate_labels)
+            wrong = jnp.sum(jnp.argmax(logits, -1) != mate_labels, dtype=jnp.int32)
             return _mean_ce(logits, mate_labels), wrong
 
         evaluate = jax.value_and_grad(objective, has_aux=True)
@@ -78,8 +78,9 @@ class BatchMate:
                     best_loss)
 
         start = _random_start(key, images, eps)
-        init = (start, start, jnp.asarray(-1, jnp.int32), jnp.asarray(-jnp.inf, jnp.float32))
-        z, best, best_wrong, best_loss = jax.lax.fori_loop(0, steps, body, init)
+        loss_dtype = jax.eval_shape(objective, start)[0].dtype
+        init = (start, start, jnp.asarray(-1, jnp.int32), jnp.asarray(-jnp.inf, loss_dtype))
+        z, best, best_wrong, best_loss = iterate(steps, body, init)
         loss, wrong = objective(z)      # the last iterate, whose gradient is not needed
         better = (wrong > best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
         return jnp.where(better, z, best)
@@ -114,6 +115,7 @@ class EOTPartners:
         x, y, pool = batch[:k], labels[:k], jnp.asarray(pool)
         num_partners = batch.shape[0] - k
         key_start, key_steps = jax.random.split(key)
+        gradients = steps * self.draws   # both loops unrolled on the CPU, or neither
 
         def loss(z, partners):
             return _mean_ce(logits_fn(jnp.concatenate([z, partners]))[:k], y)
@@ -123,11 +125,11 @@ class EOTPartners:
                 picks = jax.random.randint(jax.random.fold_in(step_key, d), (num_partners,),
                                            0, pool.shape[0])
                 return total + jax.grad(loss)(z, pool[picks])
-            return jax.lax.fori_loop(0, self.draws, add, jnp.zeros_like(z)) / self.draws
+            return iterate(self.draws, add, jnp.zeros_like(z), gradients=gradients) / self.draws
 
         def body(i, z):
             grad = expected_grad(z, jax.random.fold_in(key_steps, i))
             return _project(z + step_size * jnp.sign(grad), x, eps)
 
-        z = jax.lax.fori_loop(0, steps, body, _random_start(key_start, x, eps))
+        z = iterate(steps, body, _random_start(key_start, x, eps), gradients=gradients)
         return batch.at[:k].set(z)
