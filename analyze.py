@@ -204,23 +204,29 @@ def main(argv):
     output_dir = _OUTPUT_DIR.value or (workdirs[0] if workdirs else None)
     if output_dir is None:
         raise UserError("pass --output_dir (or a --workdir to write into)")
-    if "curves" in studies:
-        results = curves.collect(workdirs)
-        _write(output_dir, "curves", results, ("", curves.plot(results)))
-    if "interpolation" in studies:
-        _interpolation(workdirs, output_dir)
-    if "distributions" in studies:
-        _distributions(workdirs, output_dir)
-    if "bn-diagnostics" in studies:
-        _bn_diagnostics(workdirs, output_dir)
-    if "layer-variance" in studies:
-        _layer_variance(workdirs, output_dir)
-    if "epoch-records" in studies:
-        _epoch_records(workdirs, output_dir)
-    if "variance-theory" in studies:
-        results = theory.run(seed=_SEED.value, samples=_THEORY_SAMPLES.value)
-        _write(output_dir, "variance_theory", results, ("", theory.plot(results)))
-        print(results["markdown"])
+    for name, study in RUNNERS.items():   # in this order, whatever order --study lists
+        if name in studies:
+            study(workdirs, output_dir)
+
+
+def _curves(workdirs, output_dir) -> None:
+    results = curves.collect(workdirs)
+    _write(output_dir, "curves", results, ("", curves.plot(results)))
+
+
+def _variance_theory(workdirs, output_dir) -> None:
+    del workdirs
+    results = theory.run(seed=_SEED.value, samples=_THEORY_SAMPLES.value)
+    _write(output_dir, "variance_theory", results, ("", theory.plot(results)))
+    print(results["markdown"])
+
+
+# Each study: (workdirs, output_dir) -> None, writing its report into output_dir.
+RUNNERS = {"curves": _curves, "interpolation": _interpolation,
+           "distributions": _distributions, "bn-diagnostics": _bn_diagnostics,
+           "layer-variance": _layer_variance, "epoch-records": _epoch_records,
+           "variance-theory": _variance_theory}
+assert set(RUNNERS) == set(STUDIES)
 
 
 if __name__ == "__main__":
