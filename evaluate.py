@@ -106,8 +106,8 @@ def _setting(default, help_text, lower_bound=None):
                              metadata={"help": help_text, "lower_bound": lower_bound})
 
 
-_EPS = "L-inf radius."
-_STEP_SIZE = "Attack step size."
+_EPS_HELP = "L-inf radius."
+_STEP_SIZE_HELP = "Attack step size."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +115,10 @@ class TableSettings:
     """Table 1: clean and each attack; eps, steps, step_size None: each attack's paper
     settings."""
     attack: str = _setting("all", "Attack name, or all: the paper's five.")
-    eps: float | None = _setting(None, _EPS + " (none given: 8/255)", 0)
+    eps: float | None = _setting(None, _EPS_HELP + " (none given: 8/255)", 0)
     steps: int | None = _setting(None, "Iterations (none given: each attack's own, as the "
                                  "paper: FGSM 1, BIM and PGD 7, MIM and RFGSM 5).", 0)
-    step_size: float | None = _setting(None, _STEP_SIZE + " (none given: 2/255)", 0)
+    step_size: float | None = _setting(None, _STEP_SIZE_HELP + " (none given: 2/255)", 0)
 
     @property
     def attack_names(self) -> tuple[str, ...]:
@@ -138,8 +138,8 @@ class StepsSweepSettings:
     """Fig. 2b: PGD at each step count, at eps and step_size."""
     attack: str = _setting("pgd", "The sweeps are PGD sweeps.")
     steps_values: tuple[int, ...] = _setting(studies.SWEEP_STEPS, "The step counts.")
-    eps: float = _setting(attacks.DEFAULT_EPS, _EPS, 0)
-    step_size: float = _setting(attacks.DEFAULT_STEP_SIZE, _STEP_SIZE, 0)
+    eps: float = _setting(attacks.DEFAULT_EPS, _EPS_HELP, 0)
+    step_size: float = _setting(attacks.DEFAULT_STEP_SIZE, _STEP_SIZE_HELP, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +159,8 @@ class BatchSettings:
 @dataclasses.dataclass(frozen=True)
 class StrictSettings(strict.Budgets):
     """The strict study's budgets (AutoAttack's by default) at eps and step_size."""
-    eps: float = _setting(attacks.DEFAULT_EPS, _EPS, 0)
-    step_size: float = _setting(attacks.DEFAULT_STEP_SIZE, _STEP_SIZE, 0)
+    eps: float = _setting(attacks.DEFAULT_EPS, _EPS_HELP, 0)
+    step_size: float = _setting(attacks.DEFAULT_STEP_SIZE, _STEP_SIZE_HELP, 0)
 
     @property
     def budgets(self) -> strict.Budgets:

@@ -63,14 +63,12 @@ def single_class_order(labels, batch_size: int) -> np.ndarray:
 def predictions(run, images, labels, *, attack: str | None = None, eps=None, step_size=None,
                 steps=None, key=None, **kwargs) -> np.ndarray:
     """``run.evaluator.predictions`` with the attack given by name and settings (the
-    paper's for those left None) and the keys drawn from ``key`` (default:
-    ``attacks.root_key(0)``)."""
+    paper's for those left None) and the keys drawn from ``key`` (None: the evaluator's
+    default)."""
     configured = (None, ()) if attack is None else attacks.configured(
         attack, eps=eps, step_size=step_size, steps=steps)
     return run.evaluator.predictions(images, labels, attack=configured[0],
-                                     attack_args=configured[1],
-                                     key=attacks.root_key(0) if key is None else key,
-                                     **kwargs)
+                                     attack_args=configured[1], key=key, **kwargs)
 
 
 def accuracy(run, images, labels, **kwargs) -> float:
