@@ -9,6 +9,7 @@ reproduction report) writes through here, so every result is found and read the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -25,6 +26,18 @@ def write(output_dir: str, stem: str, results, markdown: str | None = None) -> s
     if markdown is not None:
         _replace(os.path.join(output_dir, f"{stem}.md"), markdown.rstrip("\n") + "\n")
     return path
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy ``p`` measured on ``n`` images,
+    ``sqrt(p (1 - p) / n)``. Under the batch BN modes one batch's images are not
+    independent, so there it is approximate."""
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
+
+
+def percent_cell(p: float, n: int) -> str:
+    """An accuracy and its standard error in percent: ``"76.10 ± 0.95"``."""
+    return f"{100 * p:.2f} ± {100 * standard_error(p, n):.2f}"
 
 
 def portable_stem(stem: str) -> str:

@@ -59,8 +59,22 @@ def test_evaluate_run_and_report_from_a_workdir(resnet_workdir, tmp_path):
     with open(tmp_path / "robustness.json") as f:
         assert json.load(f) == rows
     assert (tmp_path / "robustness.md").read_text() == table + "\n"
-    assert table.splitlines()[0] == "| model | BN mode | clean | fgsm | #Mul | #Add |"
-    assert "| resnet20-conv | running-mean | " in table
+    assert table.splitlines()[0] == "| run | model | BN mode | clean | fgsm | #Mul | #Add |"
+    label = "/".join(resnet_workdir.rstrip("/").split("/")[-2:])
+    p = row["clean"]
+    se = (p * (1 - p) / 48) ** 0.5
+    assert f"| {label} | resnet20-conv | running-mean | {100 * p:.2f} ± {100 * se:.2f} | " in table
+
+
+def test_table_cells_carry_binomial_standard_errors_and_name_their_run():
+    row = {"workdir": "pretrained:cifar10_r20_ann", "model": "resnet20-adder",
+           "bn_stats": "reestimate-10000", "bn_mode": "running", "num_examples": 2000,
+           "clean": 0.761, "pgd": 0.0, "mul": 443008, "add": 81183360}
+    line = robustness.format_table([row], ["pgd"]).splitlines()[2]
+    # sqrt(0.761 * 0.239 / 2000) = 0.00954; an accuracy of 0 has no spread
+    assert line == ("| cifar10_r20_ann | resnet20-adder | reestimate-10000 | running | "
+                    "76.10 ± 0.95 | 0.00 ± 0.00 | 0.44M | 81.18M |")
+    assert robustness.table.run_label("/runs/cpu-10ep/adder-awn/") == "cpu-10ep/adder-awn"
 
 
 def test_a_columns_random_key_depends_on_its_attack_only(resnet_workdir, monkeypatch):
@@ -143,8 +157,8 @@ class TinyNet(nnx.Module):
 def tiny_run(tmp_path_factory):
     config = ml_collections.ConfigDict(smoke.get_config().to_dict())
     config.update(dict(image_size=4, crop_padding=0, random_flip=False,  # flips mix classes
-                       synthetic_num_train=512, synthetic_num_test=64, synthetic_num_classes=4, model="tiny",
-                       layer_type="conv"))
+                       synthetic_num_train=512, synthetic_num_test=64, synthetic_num_classes=4,
+                       model="tiny", layer_type="conv"))
     dataset = data.get_dataset(config)
     graphdef, params, batch_stats = split_model(TinyNet(4, nnx.Rngs(0)))
     tx = optax.sgd(0.1, momentum=0.9)

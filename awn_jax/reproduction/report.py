@@ -25,10 +25,6 @@ HEADERS = {"clean": "clean", "fgsm": "FGSM", "bim": "BIM-7", "pgd": "PGD-7", "mi
            "rfgsm": "RFGSM-5"}
 
 
-def standard_error(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else float("nan")
-
-
 def named_rows(table_rows: dict[str, list[dict]]) -> dict[str, dict]:
     """The Table-1 rows of every run and BN mode, keyed by the paper's row name."""
     return {names.row_name(layer_type, row["bn_mode"]): {**row, "layer_type": layer_type}
@@ -38,8 +34,7 @@ def named_rows(table_rows: dict[str, list[dict]]) -> dict[str, dict]:
 def _cell(row, column):
     if column not in row:
         return "-"
-    p, n = row[column], row["num_examples"]
-    return f"{100 * p:.2f} ± {100 * standard_error(p, n):.2f}"
+    return reports.percent_cell(row[column], row["num_examples"])
 
 
 def _paper_cell(name, column):
@@ -83,8 +78,8 @@ CLAIMS = (
 
 def verdict(a: dict, b: dict, column: str) -> dict:
     d = a[column] - b[column]
-    se = math.hypot(standard_error(a[column], a["num_examples"]),
-                    standard_error(b[column], b["num_examples"]))
+    se = math.hypot(reports.standard_error(a[column], a["num_examples"]),
+                    reports.standard_error(b[column], b["num_examples"]))
     word = "holds" if d > 2 * se else "does not hold" if d < -2 * se else "cannot tell"
     return {"difference": d, "se": se, "verdict": word}
 

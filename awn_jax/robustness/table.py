@@ -8,6 +8,8 @@ one image depend on the whole batch, for the attacker and for the scorer alike).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import tqdm
@@ -103,17 +105,27 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
             for mode in bn_modes]
 
 
+def run_label(workdir: str) -> str:
+    """A short name of the run a row is about: a shipped model's name, or a workdir's last
+    two path components (``cpu-10ep/adder-awn``)."""
+    if workdir.startswith("pretrained:"):
+        return workdir.removeprefix("pretrained:")
+    return "/".join(os.path.normpath(workdir).split(os.sep)[-2:])
+
+
 def format_table(rows, attack_names) -> str:
-    """A Markdown table like the paper's Table 1 (accuracies in %); a column names the BN
-    statistics when some row's are not the trained ones."""
+    """A Markdown table like the paper's Table 1: accuracies in % with their binomial
+    standard errors, one line per run x BN mode; a column names the BN statistics when some
+    row's are not the trained ones."""
     stats = any(row.get("bn_stats", "trained") != "trained" for row in rows)
-    header = ["model", *(["BN stats"] if stats else []), "BN mode", "clean", *attack_names,
-              "#Mul", "#Add"]
+    header = ["run", "model", *(["BN stats"] if stats else []), "BN mode", "clean",
+              *attack_names, "#Mul", "#Add"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], *([row.get("bn_stats", "trained")] if stats else []),
-                 row["bn_mode"], f"{100 * row['clean']:.2f}",
-                 *(f"{100 * row[name]:.2f}" for name in attack_names),
+        n = row["num_examples"]
+        cells = [run_label(row["workdir"]), row["model"],
+                 *([row.get("bn_stats", "trained")] if stats else []), row["bn_mode"],
+                 *(reports.percent_cell(row[name], n) for name in ("clean", *attack_names)),
                  f"{row['mul'] / 1e6:.2f}M", f"{row['add'] / 1e6:.2f}M"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
