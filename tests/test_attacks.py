@@ -167,16 +167,17 @@ def test_different_keys_differ_for_randomized_attacks(name):
     assert float(jnp.mean(a != b)) > 0.05
 
 
-@pytest.mark.parametrize("name", ["bim", "pgd", "mim", "rfgsm"])
+@pytest.mark.parametrize("name", ["bim", "pgd", "mim", "rfgsm", "apgd-ce", "apgd-dlr"])
 def test_unrolled_iterations_equal_the_loop_in_float64(name, monkeypatch):
     """The CPU unrolls the short attacks (attacks.iterate): the same iterates as the loop."""
     def adversarial(unroll_max_steps):
         monkeypatch.setattr(attacks, "UNROLL_MAX_STEPS", unroll_max_steps)
-        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), init_params(6))
+        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
+                              init_params(6, classes=num_classes(name)))
         run = jax.jit(lambda p, x, y, key: attacks.attack(
             name, functools.partial(apply, p), x, y, key=key, steps=STEPS[name]))
-        args = (params, jnp.asarray(mid_images(7), jnp.float64), random_labels(8),
-                jax.random.key(3))
+        args = (params, jnp.asarray(mid_images(7), jnp.float64),
+                random_labels(8, num_classes(name)), jax.random.key(3))
         return run(*args), run.lower(*args).as_text().count("stablehlo.while")
 
     default = attacks.UNROLL_MAX_STEPS
