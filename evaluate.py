@@ -49,6 +49,7 @@ from awn_jax import cli, names, pretrained, robustness
 from awn_jax.detection import training as detection
 from awn_jax.errors import UserError
 from awn_jax.nn.batchnorm import EVAL_BN_MODES, check_bn_modes
+from awn_jax.reproduction import report
 from awn_jax.detection.evaluation import summary_table
 from awn_jax.robustness import attacks, strict, studies
 from awn_jax.training.runs import load_run
@@ -206,6 +207,15 @@ def _strict(run, settings, bn_modes, batch_size, num_examples, output_dir):
         cache_dir=os.path.join(output_dir, "strict-parts"))
 
 
+def _write_table(rows, settings, output_dir):
+    """Table 1, then the verdicts on the paper's claims that its rows can judge."""
+    judged = report.table_claims(rows)
+    appendix = ("The paper's claims these rows can judge (a verdict is about these models; "
+                "rule in awn_jax.reproduction.report):\n\n" + report.format_claims(judged)
+                if judged else "")
+    return robustness.write_report(rows, settings.attack_names, output_dir, appendix=appendix)
+
+
 def _flattened(write):
     return lambda results, settings, output_dir: write(
         [r for rows in results for r in rows], settings, output_dir)
@@ -249,8 +259,7 @@ STUDIES = {
     "table": Study(
         "rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1)",
         TableSettings, _table,
-        _flattened(lambda rows, settings, out: robustness.write_report(
-            rows, settings.attack_names, out)),
+        _flattened(_write_table),
         check=lambda settings: _attack_name(settings.attack)),
     "eps-sweep": Study(
         "PGD accuracy vs eps, step eps/7 (Fig. 2a)", EpsSweepSettings, _eps_sweep,

@@ -183,3 +183,24 @@ def test_interpolation_pairs_scale_the_papers_from_100_epochs():
     assert stages.epoch_pairs(100, "adder") == [(1, 2), (40, 41), (72, 74), (99, 100)]
     assert stages.epoch_pairs(100, "adder-ws") == stages.epoch_pairs(100, "adder-awn")
     assert {e for pair in stages.epoch_pairs(100) for e in pair} >= {31, 34, 40, 41, 71}
+
+
+def _table_row(workdir, layer_type, bn_mode, pgd, n=2000):
+    return {"workdir": workdir, "model": f"resnet20-{layer_type}", "layer_type": layer_type,
+            "bn_mode": bn_mode, "bn_stats": "trained", "num_examples": n, "clean": 0.8,
+            "pgd": pgd}
+
+
+def test_table_claims_judge_only_the_claims_whose_rows_are_unambiguous():
+    ann = [_table_row("pretrained:a", "adder", "tracked", 0.0),
+           _table_row("pretrained:a", "adder", "running-mean", 0.1045)]
+    cnn = [_table_row("pretrained:c", "conv", "running-mean", 0.143)]
+    judged = {c["claim"]: c for c in report.table_claims(ann + cnn)}
+    assert set(judged) == {report.CLAIMS[0][0], report.CLAIMS[1][0]}   # R vs ANN, vs CNN-R
+    assert judged[report.CLAIMS[0][0]]["verdict"] == "holds"
+    assert judged[report.CLAIMS[1][0]]["verdict"] == "does not hold"   # 10.45 vs 14.30
+    # A second CNN (say a ResNet-32) makes "CNN-R" ambiguous: that claim is left out.
+    second = [_table_row("pretrained:c32", "conv", "running-mean", 0.0)]
+    assert [c["claim"] for c in report.table_claims(ann + cnn + second)] == [report.CLAIMS[0][0]]
+    assert report.table_claims(cnn) == []
+

@@ -26,6 +26,7 @@ from awn_jax.evaluation import Evaluator
 from awn_jax.model import apply_model, split_model
 from awn_jax.nn import BatchNorm, Conv2d
 from awn_jax.names import PAPER_ATTACKS
+from awn_jax.reproduction import report as reproduction_report
 from awn_jax.robustness import attacks, strict, studies
 from awn_jax.training.runs import Run, load_run
 from configs import smoke
@@ -324,7 +325,7 @@ def test_cli_study_help_lists_that_study_settings_only(study, own, foreign):
 
 
 def test_study_settings_defaults_are_the_library_defaults():
-    import evaluate   # the only test importing a CLI module (its flags are global)
+    import evaluate   # the only tests importing a CLI module (its flags are global)
     assert evaluate.StrictSettings().budgets == strict.Budgets()
     assert evaluate.EpsSweepSettings().eps_values == studies.SWEEP_EPS
     assert evaluate.StepsSweepSettings().steps_values == studies.SWEEP_STEPS
@@ -348,3 +349,17 @@ def test_cli_evaluates_with_reestimated_statistics_and_names_them(resnet_workdir
         "reestimate-32"
     assert any(f.startswith("resnet_workdir") or "epoch1-reestimate-32" in f
                for f in os.listdir(os.path.join(resnet_workdir, "bn_stats")))
+
+
+def test_table_report_appends_the_claims_it_can_judge(tmp_path):
+    import evaluate   # the command's writer of --study table (see above)
+    rows = [{"workdir": "pretrained:a", "model": "resnet20-adder", "layer_type": "adder",
+             "bn_mode": mode, "bn_stats": "trained", "num_examples": 2000, "clean": 0.8,
+             "pgd": pgd, "mul": 1, "add": 2}
+            for mode, pgd in (("tracked", 0.0), ("running-mean", 0.1045))]
+    settings = evaluate.TableSettings(attack="pgd")
+    markdown = evaluate.STUDIES["table"].write([rows], settings, str(tmp_path))
+    assert (tmp_path / "robustness.md").read_text() == markdown + "\n"
+    assert markdown.splitlines()[5].startswith("The paper's claims these rows can judge")
+    claim = reproduction_report.CLAIMS[0][0]
+    assert f"| {claim} | ANN-R 10.45 vs ANN 0.00 | +10.45 ± 0.68 | **holds** |" in markdown

@@ -11,6 +11,7 @@ claims for 400-epoch models; a verdict is about this budget only.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -99,6 +100,16 @@ def claims(rows: dict[str, dict]) -> list[dict]:
             claim["verdict"] = WAITING
         out.append(claim)
     return out
+
+
+def table_claims(rows: list[dict]) -> list[dict]:
+    """The claims one Table-1 report (``evaluate.py``'s rows, any runs) can judge: those
+    whose two paper rows it holds, each from one run only (two ANNs, or one model with two
+    kinds of statistics, leave their rows' claims out)."""
+    counts = collections.Counter(names.row_name(r["layer_type"], r["bn_mode"]) for r in rows)
+    unique = {name: row for row in rows
+              if counts[name := names.row_name(row["layer_type"], row["bn_mode"])] == 1}
+    return [c for c in claims(unique) if c["verdict"] != WAITING]
 
 
 def format_claims(found) -> str:

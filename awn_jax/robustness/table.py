@@ -98,7 +98,8 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
             for name in (None, *attack_names):
                 progress.set_postfix_str(f"{mode}: {name or 'clean'}")
                 accuracy[mode][name or "clean"] = cached_cell(mode, name, progress)
-    return [{"model": run.architecture, "workdir": run.workdir, "epoch": run.epoch,
+    return [{"model": run.architecture, "layer_type": run.config.layer_type,
+             "workdir": run.workdir, "epoch": run.epoch,
              "bn_stats": run.bn_stats.label(), "bn_mode": mode,
              "num_examples": len(images), "mul": cost.mul, "add": cost.add,
              **accuracy[mode], "settings": {k: v for k, v in settings.items() if v is not None}}
@@ -131,8 +132,10 @@ def format_table(rows, attack_names) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows, attack_names, output_dir: str, stem: str = "robustness") -> str:
-    """Write ``<stem>.json`` and ``<stem>.md`` into ``output_dir``; returns the table."""
-    table = format_table(rows, attack_names)
-    reports.write(output_dir, stem, rows, table)
-    return table
+def write_report(rows, attack_names, output_dir: str, stem: str = "robustness",
+                 appendix: str = "") -> str:
+    """Write ``<stem>.json`` and ``<stem>.md`` (the table, then ``appendix``) into
+    ``output_dir``; returns the Markdown."""
+    markdown = format_table(rows, attack_names) + (f"\n\n{appendix}" if appendix else "")
+    reports.write(output_dir, stem, rows, markdown)
+    return markdown
