@@ -10,7 +10,8 @@
 workdir); each study is one entry of STUDIES below, with its settings (the flags it reads
 besides the common ones; `--study NAME --help` lists them with their defaults), and a flag
 of another study is refused rather than ignored:
-  table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1):
+  table        rows run x BN mode, columns clean and each attack, #Mul, #Add (Table 1),
+               then the verdicts on the paper's claims that the rows can judge:
                robustness.json/.md; each finished cell is kept in table-parts/, so the
                same command, restarted after a kill, goes on where it stopped
   eps-sweep    PGD-7 accuracy vs eps, step eps/7 (Fig. 2a): eps_sweep.json/.md/.png
