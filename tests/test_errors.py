@@ -225,7 +225,7 @@ def test_evaluate_cli_prints_its_table_without_logging(tmp_path):
     result = _run("evaluate.py", "--workdir", workdir, "--attack", "fgsm", "--bn_mode",
                   "tracked", "--output_dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines()[0].startswith("| model | BN mode | clean | fgsm |")
+    assert result.stdout.splitlines()[0].startswith("| run | model | BN mode | clean | fgsm |")
     # header, rule, one row; then where the report went
     assert result.stdout.splitlines()[3:] == ["", f"report written to {tmp_path}"]
     assert not ABSL_LOG_LINE.search(result.stderr), result.stderr[-3000:]
