@@ -203,4 +203,3 @@ def test_table_claims_judge_only_the_claims_whose_rows_are_unambiguous():
     second = [_table_row("pretrained:c32", "conv", "running-mean", 0.0)]
     assert [c["claim"] for c in report.table_claims(ann + cnn + second)] == [report.CLAIMS[0][0]]
     assert report.table_claims(cnn) == []
-

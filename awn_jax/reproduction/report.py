@@ -106,9 +106,9 @@ def table_claims(rows: list[dict]) -> list[dict]:
     """The claims one Table-1 report (``evaluate.py``'s rows, any runs) can judge: those
     whose two paper rows it holds, each from one run only (two ANNs, or one model with two
     kinds of statistics, leave their rows' claims out)."""
-    counts = collections.Counter(names.row_name(r["layer_type"], r["bn_mode"]) for r in rows)
-    unique = {name: row for row in rows
-              if counts[name := names.row_name(row["layer_type"], row["bn_mode"])] == 1}
+    named = [(names.row_name(row["layer_type"], row["bn_mode"]), row) for row in rows]
+    counts = collections.Counter(name for name, _ in named)
+    unique = {name: row for name, row in named if counts[name] == 1}
     return [c for c in claims(unique) if c["verdict"] != WAITING]
 
 
