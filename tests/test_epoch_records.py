@@ -67,3 +67,36 @@ def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch):
     markdown = epoch_records.format_markdown([result])
     assert "| 2 | " in markdown and "max abs(nu-1)" in markdown
     epoch_records.plot([result])
+
+
+def test_cumulative_learning_rate_of_the_official_cosine():
+    # sum over e < E of lr/2 (1 + cos(pi e / E)) is lr (E + 1) / 2: the cosines sum to 1
+    config = {"learning_rate": 0.1, "lr_schedule": "cosine-epoch", "num_epochs": 100,
+              "warmup_epochs": 0.0}
+    clock = epoch_records.cumulative_learning_rate(config)
+    assert clock.shape == (100,) and clock[0] == pytest.approx(0.1)
+    assert clock[-1] == pytest.approx(0.1 * 101 / 2, rel=1e-6)
+    assert epoch_records.cumulative_learning_rate(config, 400)[-1] == pytest.approx(
+        0.1 * 401 / 2, rel=1e-6)
+
+
+def test_awn_extrapolation_recovers_a_power_law():
+    config = {"learning_rate": 0.1, "lr_schedule": "cosine-epoch", "num_epochs": 100,
+              "warmup_epochs": 0.0}
+    clock = epoch_records.cumulative_learning_rate(config)
+    powers = {"nu_max": (0.2, 0.8), "upsilon_max": (0.1, 0.5), "nu_mean": (0.03, 0.7),
+              "upsilon_mean": (0.02, 1.0)}
+    records = [{"epoch": e, "awn": {k: a * clock[e - 1] ** p for k, (a, p) in powers.items()}}
+               for e in range(1, 61)]
+    records[0]["awn"]["nu_max"] = 5.0  # before first_epoch: not fitted
+    out = epoch_records.extrapolate_awn_movement(records, config, first_epoch=10)
+    assert out["fit_epochs"] == [10, 60]
+    target = 0.1 * 401 / 2
+    assert out["cumulative_learning_rate"]["target"] == pytest.approx(target, rel=1e-6)
+    for k, (a, p) in powers.items():
+        assert out["measures"][k]["exponent"] == pytest.approx(p, rel=1e-6)
+        assert out["measures"][k]["extrapolated"] == pytest.approx(a * target ** p, rel=1e-6)
+    assert "plain extrapolation" in "\n".join(epoch_records.format_extrapolation(out))
+    assert epoch_records.extrapolate_awn_movement(records[:11], config) is None
+    assert epoch_records.extrapolate_awn_movement(
+        [{"epoch": e, "awn": None} for e in range(10, 20)], config) is None

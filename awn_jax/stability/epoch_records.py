@@ -7,7 +7,8 @@ every evaluation BN mode with the trained statistics, the same under ``tracked``
 ``running-mean`` with statistics re-estimated (:mod:`awn_jax.bn_statistics`), and AWN's
 ``|nu - 1|`` and ``|upsilon|`` per layer (mean and max). Each epoch's record is kept in
 ``<workdir>/records/`` keyed by the weights and the settings, so records are added while
-a run trains and a killed collection loses at most one epoch.
+a run trains and a killed collection loses at most one epoch. For AWN, a plain
+extrapolation of that movement to the paper's 400 epochs (:func:`extrapolate_awn_movement`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import ml_collections
 import numpy as np
 
 from awn_jax import names, reports
@@ -23,9 +25,13 @@ from awn_jax.model import named_leaves
 from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.reports import new_figure
 from awn_jax.training import checkpointing
+from awn_jax.training.optimizer import learning_rate_schedule
 from awn_jax.training.runs import load_run
 
 REESTIMATED_MODES = ("tracked", "running-mean")
+MOVEMENT_MEASURES = {"nu_max": "max abs(nu - 1)", "upsilon_max": "max abs(upsilon)",
+                     "nu_mean": "mean abs(nu - 1)", "upsilon_mean": "mean abs(upsilon)"}
+PAPER_EPOCHS = 400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +100,53 @@ def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=No
             lambda run=run: record_epoch(run, settings, evaluator)))
         if progress is not None:
             progress(epoch)
-    layer_type = checkpointing.load_config_dict(workdir)["layer_type"]
-    return {"model": names.paper_name(layer_type), "workdir": workdir,
-            "settings": dataclasses.asdict(settings), "records": records}
+    config = checkpointing.load_config_dict(workdir)
+    return {"model": names.paper_name(config["layer_type"]), "workdir": workdir,
+            "settings": dataclasses.asdict(settings), "records": records,
+            "awn_extrapolation": extrapolate_awn_movement(records, config)}
+
+
+def cumulative_learning_rate(config: dict, num_epochs: int | None = None,
+                             resolution: int = 100) -> np.ndarray:
+    """The learning rate summed over training up to the end of each epoch, in units of
+    rate x epochs (the schedule of ``config``, over ``num_epochs`` when given), sampled
+    ``resolution`` times an epoch: exact for the official per-epoch cosine."""
+    config = ml_collections.ConfigDict(dict(config))
+    if num_epochs is not None:
+        config.num_epochs = num_epochs
+    schedule = learning_rate_schedule(config, resolution)
+    rates = np.asarray(schedule(np.arange(config.num_epochs * resolution)), np.float64)
+    return np.cumsum(rates.reshape(config.num_epochs, resolution).mean(axis=1))
+
+
+def extrapolate_awn_movement(records, config: dict, target_epochs: int = PAPER_EPOCHS,
+                             first_epoch: int = 10) -> dict | None:
+    """A plain extrapolation, to be labelled as one: each measure of AWN's movement (max and
+    mean of ``|nu - 1|`` and ``|upsilon|``) fitted as a power of the cumulative learning rate
+    (least squares in log-log over the records from ``first_epoch`` on: nu and upsilon step
+    by the rate times their gradient, so the cumulative rate is their clock), then read at
+    the cumulative rate of ``target_epochs`` of the same schedule. It assumes that movement
+    depends on the rate's sum only, not on when the rate was spent. None without AWN or
+    with fewer than three records to fit."""
+    fitted = sorted((r for r in records if r["awn"] and r["epoch"] >= first_epoch),
+                    key=lambda r: r["epoch"])
+    if len(fitted) < 3:
+        return None
+    clock = cumulative_learning_rate(config)
+    x = np.log([clock[r["epoch"] - 1] for r in fitted])
+    target = float(cumulative_learning_rate(config, target_epochs)[-1])
+    measures = {}
+    for measure in MOVEMENT_MEASURES:
+        exponent, intercept = np.polyfit(x, np.log([r["awn"][measure] for r in fitted]), 1)
+        measures[measure] = {
+            "exponent": float(exponent), "measured": fitted[-1]["awn"][measure],
+            "fitted": float(np.exp(intercept + exponent * x[-1])),
+            "extrapolated": float(np.exp(intercept) * target ** exponent)}
+    return {"fit_epochs": [fitted[0]["epoch"], fitted[-1]["epoch"]],
+            "target_epochs": target_epochs,
+            "cumulative_learning_rate": {"last": float(clock[fitted[-1]["epoch"] - 1]),
+                                         "target": target},
+            "measures": measures}
 
 
 def plot(results):
@@ -145,4 +195,22 @@ def format_markdown(results) -> str:
                          + (f" | {rec['awn']['nu_max']:.4f} | {rec['awn']['upsilon_max']:.4f} |"
                             if awn else " |"))
         lines.append("")
+        if r.get("awn_extrapolation"):
+            lines += format_extrapolation(r["awn_extrapolation"])
     return "\n".join(lines)
+
+
+def format_extrapolation(extrapolation) -> list[str]:
+    """The extrapolation's Markdown lines, saying what it is."""
+    first, last = extrapolation["fit_epochs"]
+    clock = extrapolation["cumulative_learning_rate"]
+    lines = [f"A plain extrapolation, not a measurement: each measure fitted as a power of the "
+             f"cumulative learning rate over epochs {first}-{last} (cumulative rate "
+             f"{clock['last']:.2f} at epoch {last}), read at {clock['target']:.2f}, the "
+             f"cumulative rate of {extrapolation['target_epochs']} epochs of the same schedule.",
+             "", "| measure | at epoch %d | fit | exponent | extrapolated to %d epochs |" % (
+                 last, extrapolation["target_epochs"]), "|---|---|---|---|---|"]
+    for measure, m in extrapolation["measures"].items():
+        lines.append(f"| {MOVEMENT_MEASURES[measure]} | {m['measured']:.4f} | {m['fitted']:.4f} | "
+                     f"{m['exponent']:.2f} | {m['extrapolated']:.3f} |")
+    return lines + [""]
