@@ -18,7 +18,7 @@ Square; the ``batch - k`` clean mates for the batch-mate attack (``k = batch/4``
     python bench/attacks.py --attacks pgd square --square-queries 500 --layer-types adder
     python bench/attacks.py --attacks pgd --unroll-max-steps 0 10   # loop vs unrolled
 
-``--unroll-max-steps`` sets ``attacks.UNROLL_MAX_STEPS`` (0: every attack loop rolled; the
+``--unroll-max-steps`` sets ``attack_core.UNROLL_MAX_STEPS`` (0: every attack loop rolled; the
 default unrolls the paper's short attacks on the CPU), each value a block of rows; "time vs
 first" compares a row with the same row under the first value.
 """
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from awn_jax.data import DatasetInfo  # noqa: E402
 from awn_jax.model import apply_model, build_model, split_model, with_bn_mode  # noqa: E402
 from awn_jax.ops.adder import resolve_implementation  # noqa: E402
-from awn_jax.robustness import attacks  # noqa: E402
+from awn_jax.robustness import attack_core, attacks  # noqa: E402
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners  # noqa: E402
 from bench.train_step import cpu_name  # noqa: E402
 from configs import default  # noqa: E402
@@ -124,7 +124,7 @@ def main():
     parser.add_argument("--eot-draws", type=int, default=2)
     parser.add_argument("--eot-steps", type=int, default=5)
     parser.add_argument("--unroll-max-steps", type=int, nargs="+",
-                        default=[attacks.UNROLL_MAX_STEPS])
+                        default=[attack_core.UNROLL_MAX_STEPS])
     args = parser.parse_args()
     device = jax.devices()[0]
     print(f"# attacks + scoring, resnet20, batch {args.batch}, median of {args.repeats}; "
@@ -140,7 +140,7 @@ def main():
     seconds = {}
     first = args.unroll_max_steps[0]
     for unroll in args.unroll_max_steps:
-        attacks.UNROLL_MAX_STEPS = unroll
+        attack_core.UNROLL_MAX_STEPS = unroll
         for name in args.attacks:
             for layer_type in args.layer_types:
                 for mode in args.bn_modes:

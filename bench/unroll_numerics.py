@@ -2,8 +2,8 @@
 differ, for PGD-7 and MIM-5 under ``running-mean`` and ``tracked``, on the first 500 JPEG
 test images (one batch of 500), for the imported ResNet-20 CNN and the official ANN.
 
-Unrolling (``attacks.iterate``) performs the same operations; only float32 rounding can
-differ. Each setting of ``attacks.UNROLL_MAX_STEPS`` gets a freshly loaded model (its own
+Unrolling (``attack_core.iterate``) performs the same operations; only float32 rounding can
+differ. Each setting of ``attack_core.UNROLL_MAX_STEPS`` gets a freshly loaded model (its own
 compilations); every call is timed twice (the first includes compilation).
 
     python bench/unroll_numerics.py --data_dir ~/awn-data/cifar10
@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from awn_jax import pretrained  # noqa: E402
-from awn_jax.robustness import attacks  # noqa: E402
+from awn_jax.robustness import attack_core, attacks  # noqa: E402
 
 
 def main():
@@ -29,8 +29,8 @@ def main():
     args = parser.parse_args()
     for name in args.models:
         out = {}
-        for limit in (0, attacks.UNROLL_MAX_STEPS):
-            attacks.UNROLL_MAX_STEPS = limit
+        for limit in (0, attack_core.UNROLL_MAX_STEPS):
+            attack_core.UNROLL_MAX_STEPS = limit
             run = pretrained.load(name, data_dir=args.data_dir)
             images, labels = run.test_set(500)
             for mode in ("running-mean", "tracked"):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from awn_jax.robustness import attacks
+from awn_jax.robustness import attack_core, attacks, autoattack
 
 EPS, STEP = 8 / 255, 2 / 255
 SHAPE = (128, 2, 2, 3)            # every batch in this file, images NHWC
@@ -169,9 +169,9 @@ def test_different_keys_differ_for_randomized_attacks(name):
 
 @pytest.mark.parametrize("name", ["bim", "pgd", "mim", "rfgsm", "apgd-ce", "apgd-dlr"])
 def test_unrolled_iterations_equal_the_loop_in_float64(name, monkeypatch):
-    """The CPU unrolls the short attacks (attacks.iterate): the same iterates as the loop."""
+    """The CPU unrolls the short attacks (attack_core.iterate): the same iterates as the loop."""
     def adversarial(unroll_max_steps):
-        monkeypatch.setattr(attacks, "UNROLL_MAX_STEPS", unroll_max_steps)
+        monkeypatch.setattr(attack_core, "UNROLL_MAX_STEPS", unroll_max_steps)
         params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
                               init_params(6, classes=num_classes(name)))
         run = jax.jit(lambda p, x, y, key: attacks.attack(
@@ -180,7 +180,7 @@ def test_unrolled_iterations_equal_the_loop_in_float64(name, monkeypatch):
                 random_labels(8, num_classes(name)), jax.random.key(3))
         return run(*args), run.lower(*args).as_text().count("stablehlo.while")
 
-    default = attacks.UNROLL_MAX_STEPS
+    default = attack_core.UNROLL_MAX_STEPS
     assert STEPS[name] <= default
     with jax.enable_x64():
         (rolled, loops), (unrolled, fewer) = adversarial(0), adversarial(default)
@@ -362,10 +362,10 @@ def test_attack_on_one_example_depends_on_the_rest_of_the_batch(batchnorm_model,
 
 def test_apgd_checkpoints_follow_the_paper():
     # w_j = ceil(p_j N): p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 for N = 100.
-    assert [done for done, _ in attacks.apgd_checkpoints(100)] == [
+    assert [done for done, _ in autoattack.apgd_checkpoints(100)] == [
         22, 41, 57, 70, 80, 87, 93, 99]
-    assert [k for _, k in attacks.apgd_checkpoints(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
-    assert attacks.apgd_checkpoints(1) == [(1, 1)]
+    assert [k for _, k in autoattack.apgd_checkpoints(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
+    assert autoattack.apgd_checkpoints(1) == [(1, 1)]
 
 
 def test_apgd_halves_the_step_size_when_the_loss_stops_increasing():
@@ -375,7 +375,7 @@ def test_apgd_halves_the_step_size_when_the_loss_stops_increasing():
     params = init_params(3, linear_only=True, scale=0.5)
     x, y = mid_images(4), random_labels(5)
     fn = functools.partial(apply, params)
-    run = jax.jit(lambda x, y: attacks._apgd_run(fn, x, y, key=jax.random.key(1),
+    run = jax.jit(lambda x, y: autoattack._apgd_run(fn, x, y, key=jax.random.key(1),
                                                   eps=EPS, steps=100))
     adv, step, loss_best = run(x, y)
     np.testing.assert_allclose(step, 2 * EPS / 2 ** 8, rtol=1e-6)
@@ -448,14 +448,14 @@ def test_apgd_dlr_misclassifies_only_what_the_ball_allows():
 def test_dlr_loss_is_invariant_to_shifting_and_scaling_the_logits():
     logits = jnp.asarray(rng(0).normal(size=(16, 10)), jnp.float32)
     labels = jnp.asarray(rng(1).integers(0, 10, 16), jnp.int32)
-    loss = attacks._dlr(logits, labels)
-    np.testing.assert_allclose(attacks._dlr(7.0 * logits - 3.0, labels), loss, rtol=1e-5)
+    loss = attack_core.dlr(logits, labels)
+    np.testing.assert_allclose(attack_core.dlr(7.0 * logits - 3.0, labels), loss, rtol=1e-5)
     top = jnp.sort(logits, -1)[:, ::-1]
     true = logits[jnp.arange(16), labels]
     other = jnp.where(true == top[:, 0], top[:, 1], top[:, 0])
     np.testing.assert_allclose(loss, -(true - other) / (top[:, 0] - top[:, 2]), rtol=1e-6)
     with pytest.raises(ValueError, match="at least 3 classes"):
-        attacks._dlr(logits[:, :2], labels % 2)
+        attack_core.dlr(logits[:, :2], labels % 2)
 
 
 # ------------------------------------------------------------------ Square
@@ -464,7 +464,7 @@ def test_dlr_loss_is_invariant_to_shifting_and_scaling_the_logits():
 def test_square_corners_follow_the_reference_rule(size, side):
     """As max-andr/square-attack, AutoAttack and torchattacks draw them: uniform over
     0..size-side-1 (never the last fitting position size-side), 0 when side = size."""
-    corners = np.asarray(attacks.square_corners(jax.random.key(0), 20_000, size, side))
+    corners = np.asarray(autoattack.square_corners(jax.random.key(0), 20_000, size, side))
     expected = np.arange(max(size - side, 1))
     assert set(np.unique(corners)) == set(expected)
     counts = np.bincount(corners.ravel(), minlength=len(expected))
@@ -474,14 +474,14 @@ def test_square_corners_follow_the_reference_rule(size, side):
 def test_square_schedule_halves_the_window_area():
     # 10,000 queries: p = 0.8 until iteration 10, then halved at 50, 200, ...: on a 32x32
     # image sides round(sqrt(0.8 * 1024)) = 29, then 20, 14, 10, 7, 5, 4, 3, 2, 1.
-    sides = attacks.square_sides(10001, 32, 32)
+    sides = autoattack.square_sides(10001, 32, 32)
     assert len(sides) == 10000
     assert [sides[i] for i in (0, 10, 11, 51, 201, 501, 1001, 2001, 4001, 6001, 8001)] == [
         29, 29, 20, 14, 10, 7, 5, 4, 3, 2, 1]
     # Rescaled to a smaller budget: the same sequence of sides, compressed.
-    small = attacks.square_sides(1001, 32, 32)
+    small = autoattack.square_sides(1001, 32, 32)
     assert small[0] == 29 and small[-1] == 1 and small == sorted(small, reverse=True)
-    assert attacks.square_sides(1, 32, 32) == []
+    assert autoattack.square_sides(1, 32, 32) == []
 
 
 def without_gradient(fn):
@@ -502,7 +502,7 @@ def test_square_lowers_accuracy_without_differentiating_the_model(xor_problem):
     logits_fn = without_gradient(functools.partial(apply, params))
     with pytest.raises(AssertionError, match="differentiated"):    # the guard works
         jax.grad(lambda z: logits_fn(z).sum())(x)
-    adv = jax.jit(lambda x, y: attacks.square(logits_fn, x, y, key=jax.random.key(0),
+    adv = jax.jit(lambda x, y: autoattack.square(logits_fn, x, y, key=jax.random.key(0),
                                               eps=0.05, steps=300))(x, y)
     assert float(jnp.max(jnp.abs(adv - x))) <= 0.05 + 1e-6
     clean = accuracy(params, x, y)
@@ -516,7 +516,7 @@ def test_square_only_keeps_changes_that_lower_the_margin(xor_problem):
     fn = functools.partial(apply, params)
 
     def run(queries):
-        return jax.jit(lambda x, y: attacks.square(fn, x, y, key=jax.random.key(3),
+        return jax.jit(lambda x, y: autoattack.square(fn, x, y, key=jax.random.key(3),
                                                    eps=0.03, steps=queries))(x, y)
 
     start, adv = run(1), run(21)

@@ -17,7 +17,7 @@ import pytest
 
 from awn_jax import reports
 from awn_jax.evaluation import Evaluator, Scoring
-from awn_jax.robustness import strict
+from awn_jax.robustness import attack_core, autoattack, strict
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
 from test_robustness import REPO_ROOT, TinyNet, resnet_workdir, tiny_run  # noqa: F401
 
@@ -217,7 +217,7 @@ def test_reordering_the_checklist_changes_no_number(tiny_run, monkeypatch):  # n
 
 def test_only_squares_parts_depend_on_squares_window_rule(tiny_run, tmp_path,  # noqa: F811
                                                            monkeypatch):
-    """A change of attacks.SQUARE_CORNERS recomputes the Square parts and nothing else."""
+    """A change of autoattack.SQUARE_CORNERS recomputes the Square parts and nothing else."""
     budgets = strict.Budgets(apgd_steps=2, square_queries=5, eot_attacked=4, eot_draws=1,
                              eot_steps=1, mate_steps=1, mate_sizes=(4,), control_batch_size=8)
     settings = dict(num_examples=32, batch_size=BATCH, eps=0.1, step_size=0.025,
@@ -230,7 +230,7 @@ def test_only_squares_parts_depend_on_squares_window_rule(tiny_run, tmp_path,  #
         return logits(self, *args, **kwargs)
 
     monkeypatch.setattr(Evaluator, "logits", counted_logits)
-    monkeypatch.setattr(strict.attacks, "SQUARE_CORNERS", "another rule")
+    monkeypatch.setattr(autoattack, "SQUARE_CORNERS", "another rule")
     second = strict.strict_study(tiny_run, ["running-mean"], **settings)
     assert [attack.name for attack in evaluated] == ["square"]
     assert second["square_corners"] == "another rule" != first["square_corners"]
@@ -260,7 +260,7 @@ def test_cli_strict_reports_bad_budgets_in_one_line(resnet_workdir):  # noqa: F8
 @pytest.mark.parametrize("attack, gradients", [(BatchMate(5), 5),
                                                (EOTPartners(2, draws=2, steps=3), 6)])
 def test_batch_attacks_unrolled_equal_the_loop_in_float64(attack, gradients, monkeypatch):
-    """On the CPU the batch attacks' loops are unrolled (attacks.iterate) up to
+    """On the CPU the batch attacks' loops are unrolled (attack_core.iterate) up to
     UNROLL_MAX_STEPS gradients: the same iterates as the loop, on a batch-dependent toy."""
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(12, 3))
@@ -271,7 +271,7 @@ def test_batch_attacks_unrolled_equal_the_loop_in_float64(attack, gradients, mon
         return (flat - flat.mean(0)) @ weights
 
     def run(unroll_max_steps):
-        monkeypatch.setattr(strict.attacks, "UNROLL_MAX_STEPS", unroll_max_steps)
+        monkeypatch.setattr(attack_core, "UNROLL_MAX_STEPS", unroll_max_steps)
         if isinstance(attack, BatchMate):
             fn = jax.jit(lambda x, key: attack(
                 lambda z: logits_fn(x.at[:2].set(z))[2:], x[:2], labels[2:], key, 0.1, 0.025))
@@ -280,7 +280,7 @@ def test_batch_attacks_unrolled_equal_the_loop_in_float64(attack, gradients, mon
         args = (jnp.asarray(images), jax.random.key(1))
         return fn(*args), fn.lower(*args).as_text().count("stablehlo.while")
 
-    default = strict.attacks.UNROLL_MAX_STEPS
+    default = attack_core.UNROLL_MAX_STEPS
     assert gradients <= default
     with jax.enable_x64():
         (rolled, loops), (unrolled, fewer) = run(0), run(default)

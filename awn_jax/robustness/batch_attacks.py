@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from awn_jax.errors import UserError
-from awn_jax.robustness.attacks import _check_steps, _project, iterate
+from awn_jax.robustness.attack_core import check_steps, iterate, project
 
 
 def _mean_ce(logits, labels):
@@ -58,7 +58,7 @@ class BatchMate:
     steps: int
 
     def __call__(self, logits_fn, images, mate_labels, key, eps, step_size):
-        steps = _check_steps(self.steps)
+        steps = check_steps(self.steps)
 
         def objective(z):
             logits = logits_fn(z)
@@ -74,7 +74,7 @@ class BatchMate:
             best, best_wrong, best_loss = jax.tree.map(
                 lambda new, old: jnp.where(better, new, old), (z, wrong, loss),
                 (best, best_wrong, best_loss))
-            return (_project(z + step_size * jnp.sign(grad), images, eps), best, best_wrong,
+            return (project(z + step_size * jnp.sign(grad), images, eps), best, best_wrong,
                     best_loss)
 
         start = _random_start(key, images, eps)
@@ -106,7 +106,7 @@ class EOTPartners:
     steps: int
 
     def __call__(self, logits_fn, batch, labels, key, eps, step_size, pool):
-        k, steps = self.attacked, _check_steps(self.steps)
+        k, steps = self.attacked, check_steps(self.steps)
         if not 1 <= k < batch.shape[0]:
             raise UserError(f"EOT needs 1 <= attacked < batch size, got {k} of "
                             f"{batch.shape[0]}")
@@ -129,7 +129,7 @@ class EOTPartners:
 
         def body(i, z):
             grad = expected_grad(z, jax.random.fold_in(key_steps, i))
-            return _project(z + step_size * jnp.sign(grad), x, eps)
+            return project(z + step_size * jnp.sign(grad), x, eps)
 
         z = iterate(steps, body, _random_start(key_start, x, eps), gradients=gradients)
         return batch.at[:k].set(z)

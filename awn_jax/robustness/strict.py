@@ -38,7 +38,7 @@ import tqdm
 from awn_jax import reports
 from awn_jax.errors import UserError
 from awn_jax.nn.batchnorm import check_bn_modes
-from awn_jax.robustness import attacks
+from awn_jax.robustness import attacks, autoattack
 from awn_jax.robustness.batch_attacks import BatchMate, EOTPartners
 from awn_jax.robustness.studies import single_class_order
 
@@ -142,7 +142,7 @@ class _Study:
             stem = reports.portable_stem(f"{self.run.label}-{mode}-{name}")
             # Only Square's parts depend on how Square draws its windows (parts cached before
             # the rule was recorded stay valid for every other check).
-            square = {"square_corners": attacks.SQUARE_CORNERS} if name == "square" else {}
+            square = {"square_corners": autoattack.SQUARE_CORNERS} if name == "square" else {}
             result = reports.cached(self.cache_dir, stem, {"settings": self.settings, **square},
                                     compute)
         self.progress.update()
@@ -269,7 +269,7 @@ def strict_study(run, bn_modes, *, num_examples=None, batch_size=500, eps=attack
                        cache_dir=cache_dir, progress=progress)
         modes = {mode: {"checks": study.checklist(mode), "harm": study.harm(mode),
                         "controls": study.controls(mode)} for mode in bn_modes}
-    return {**settings, "square_corners": attacks.SQUARE_CORNERS, "modes": modes}
+    return {**settings, "square_corners": autoattack.SQUARE_CORNERS, "modes": modes}
 
 
 # ------------------------------------------------------------------------------ report

@@ -18,7 +18,7 @@ from awn_jax import reports
 from awn_jax.model import architecture_options
 from awn_jax.nn import counting
 from awn_jax.nn.batchnorm import check_bn_modes
-from awn_jax.robustness import attacks
+from awn_jax.robustness import attacks, autoattack
 
 __all__ = ["evaluate_run", "format_table", "write_report"]
 
@@ -72,7 +72,7 @@ def evaluate_run(run, attack_names, bn_modes, *, eps=None, steps=None, step_size
                         "name": attack.name, "steps": attack.steps, "eps": args[0],
                         "step_size": args[1]}}
         if name == "square":
-            settings["square_corners"] = attacks.SQUARE_CORNERS
+            settings["square_corners"] = autoattack.SQUARE_CORNERS
         return settings
 
     def cached_cell(mode, name, progress):
