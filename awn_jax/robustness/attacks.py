@@ -261,13 +261,16 @@ def default_settings(name: str) -> dict:
     return {"eps": DEFAULT_EPS, "step_size": step_size, "steps": _DEFAULT_STEPS[name]}
 
 
+def _settings(name: str, eps, step_size, steps) -> dict:
+    """``default_settings(name)`` with the settings given (not None) in their place."""
+    given = {"eps": eps, "step_size": step_size, "steps": steps}
+    return {**default_settings(name), **{k: v for k, v in given.items() if v is not None}}
+
+
 def attack(name: str, logits_fn: LogitsFn, images, labels, *, key, eps=None,
            step_size=None, steps=None) -> jax.Array:
     """Run attack ``name`` with ``default_settings(name)`` for every setting left None."""
-    settings = default_settings(name)
-    for setting, value in (("eps", eps), ("step_size", step_size), ("steps", steps)):
-        if value is not None:
-            settings[setting] = value
+    settings = _settings(name, eps, step_size, steps)
     return ATTACKS[name](logits_fn, images, labels, key=key, **settings)
 
 
@@ -288,10 +291,7 @@ class Attack:
 def configured(name: str, *, eps=None, step_size=None, steps=None) -> tuple[Attack, tuple]:
     """``(Attack, (eps, step_size))`` for the evaluator, with ``default_settings(name)``
     for every setting left None."""
-    settings = default_settings(name)
-    for setting, value in (("eps", eps), ("step_size", step_size), ("steps", steps)):
-        if value is not None:
-            settings[setting] = value
+    settings = _settings(name, eps, step_size, steps)
     return (Attack(name, core.check_steps(settings["steps"])),
             (settings["eps"], settings["step_size"]))
 
