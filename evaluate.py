@@ -184,13 +184,14 @@ def _table(run, settings, bn_modes, batch_size, num_examples, output_dir):
 def _eps_sweep(run, settings, bn_modes, batch_size, num_examples, output_dir):
     return studies.eps_sweep(run, bn_modes, settings.eps_values, steps=settings.steps,
                              batch_size=batch_size, num_examples=num_examples,
-                             seed=_SEED.value)
+                             seed=_SEED.value, cache_dir=os.path.join(output_dir, "sweep-parts"))
 
 
 def _steps_sweep(run, settings, bn_modes, batch_size, num_examples, output_dir):
     return studies.steps_sweep(run, bn_modes, settings.steps_values, eps=settings.eps,
                                step_size=settings.step_size, batch_size=batch_size,
-                               num_examples=num_examples, seed=_SEED.value)
+                               num_examples=num_examples, seed=_SEED.value,
+                               cache_dir=os.path.join(output_dir, "sweep-parts"))
 
 
 def _batch(run, settings, bn_modes, batch_size, num_examples, output_dir):

@@ -250,6 +250,25 @@ def test_sweeps_write_tables_and_plots(run, tmp_path):
         assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sweep_points_are_kept_and_reused(run, tmp_path, monkeypatch):
+    """With a cache_dir each sweep point is saved; a later sweep reads back the points it
+    shares (the clean one and eps 0.3 here) and computes only the new one."""
+    cache = str(tmp_path / "parts")
+    first = studies.eps_sweep(run, ["running-mean"], (0.3,), batch_size=32, cache_dir=cache)
+    assert first == studies.eps_sweep(run, ["running-mean"], (0.3,), batch_size=32)
+    assert len(os.listdir(cache)) == 2                          # clean and eps 0.3
+    computed = []
+    real = studies.accuracy
+    monkeypatch.setattr(studies, "accuracy",
+                        lambda *a, **k: computed.append(k.get("eps")) or real(*a, **k))
+    second = studies.eps_sweep(run, ["running-mean"], (0.1, 0.3), batch_size=32,
+                               cache_dir=cache)
+    assert computed == [0.1] and second[1] == first[0]
+    other_seed = studies.eps_sweep(run, ["running-mean"], (0.3,), batch_size=32, seed=1,
+                                   cache_dir=cache)
+    assert computed == [0.1, None, 0.3] and len(other_seed) == 1  # another key: recomputed
+
+
 def test_batch_study_partitions_and_threat_models(run, tmp_path):
     study = studies.batch_study(run, ["tracked", "running-mean"], num_examples=64,
                                 batch_sizes=(8,), batch_size=8, partitions=3,

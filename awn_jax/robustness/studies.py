@@ -34,6 +34,7 @@ batch size of the study.
 
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 
@@ -81,35 +82,52 @@ def accuracy(run, images, labels, **kwargs) -> float:
 # ----------------------------------------------------------------------------- sweeps
 
 def eps_sweep(run, bn_modes, eps_values=SWEEP_EPS, *, steps=7, batch_size=500,
-              num_examples=None, seed=0) -> list[dict]:
+              num_examples=None, seed=0, cache_dir: str | None = None) -> list[dict]:
     """PGD accuracy against eps (Fig. 2a), step size eps/7 as in the paper's sweep (so 7
     steps can cross the ball once; PGD starts at a random point inside it)."""
     settings = [dict(eps=float(eps), steps=steps, step_size=float(eps) / 7)
                 for eps in eps_values]
-    return _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed)
+    return _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed, cache_dir)
 
 
 def steps_sweep(run, bn_modes, steps_values=SWEEP_STEPS, *, eps=attacks.DEFAULT_EPS,
                 step_size=attacks.DEFAULT_STEP_SIZE, batch_size=500, num_examples=None,
-                seed=0) -> list[dict]:
+                seed=0, cache_dir: str | None = None) -> list[dict]:
     """PGD accuracy against the number of steps (Fig. 2b) at the paper's eps and step;
     each steps value is its own PGD run from the same random start."""
     settings = [dict(eps=eps, steps=int(steps), step_size=step_size) for steps in steps_values]
-    return _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed)
+    return _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed, cache_dir)
 
 
-def _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed):
-    """One row per (BN mode, PGD settings), with the mode's clean accuracy beside it."""
+def _pgd_sweep(run, bn_modes, settings, batch_size, num_examples, seed, cache_dir):
+    """One row per (BN mode, PGD settings), with the mode's clean accuracy beside it; with
+    a ``cache_dir`` every point is saved when done and reused by a later sweep of the same
+    weights and settings (a killed sweep loses one point; sweeps sharing points share
+    them)."""
     images, labels = run.test_set(num_examples, multiple_of=batch_size)
+    common_key = {"run": run.label, "weights_sha256": run.weights_sha256,
+                  "bn_stats": run.bn_stats.label(), "num_examples": len(images),
+                  "batch_size": batch_size, "seed": seed}
+
+    def point(mode, values):
+        """Accuracy under ``mode``: clean (``values`` None) or under PGD with ``values``."""
+        attack = {} if values is None else dict(attack="pgd", key=attacks.root_key(seed),
+                                                  **values)
+        compute = functools.partial(accuracy, run, images, labels, batch_size=batch_size,
+                                    bn_mode=mode, **attack)
+        if cache_dir is None:
+            return compute()
+        name = "clean" if values is None else "pgd-eps{eps:g}-steps{steps}-step{step_size:g}"
+        stem = reports.portable_stem(f"{run.label}-{mode}-{name.format(**values or {})}")
+        return reports.cached(cache_dir, stem, {"settings": {**common_key, "bn_mode": mode,
+                                                             "pgd": values}}, compute)
+
     rows = []
     for mode in check_bn_modes(bn_modes):
-        common = dict(batch_size=batch_size, bn_mode=mode)
-        clean = accuracy(run, images, labels, **common)
+        clean = point(mode, None)
         for values in settings:
-            attacked = accuracy(run, images, labels, attack="pgd",
-                                key=attacks.root_key(seed), **values, **common)
             rows.append(_sweep_row(run, mode, len(images), batch_size, clean,
-                                   **values, accuracy=attacked))
+                                   **values, accuracy=point(mode, values)))
     return rows
 
 
