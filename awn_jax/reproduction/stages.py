@@ -12,6 +12,8 @@ the four finished runs; every stage's results are plain JSON.
 
 from __future__ import annotations
 
+import os
+
 from awn_jax import robustness
 from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.robustness import studies
@@ -19,18 +21,25 @@ from awn_jax.stability import distributions, interpolation
 from awn_jax.training.runs import load_run
 
 
+# Each table cell and sweep point is kept in the run's workdir as it finishes, so a stage
+# killed after hours of attacks (a CPU budget) resumes where it stopped.
+TABLE_PARTS, SWEEP_PARTS = "table-parts", "sweep-parts"
+
+
 def table(workdir, budget) -> list[dict]:
     return robustness.evaluate_run(
         load_run(workdir).with_bn_stats(budget.bn_stats), budget.attacks, EVAL_BN_MODES,
         steps=budget.attack_steps, batch_size=budget.eval_batch_size,
-        num_examples=budget.test_examples or None, show_progress=False)
+        num_examples=budget.test_examples or None, show_progress=False,
+        cache_dir=os.path.join(workdir, TABLE_PARTS))
 
 
 def sweeps(workdir, budget) -> dict:
     # One run: its evaluator's compiled clean pass serves both sweeps.
     run = load_run(workdir).with_bn_stats(budget.bn_stats)
     common = dict(batch_size=min(budget.eval_batch_size, budget.sweep_examples or 10_000),
-                  num_examples=budget.sweep_examples or None)
+                  num_examples=budget.sweep_examples or None,
+                  cache_dir=os.path.join(workdir, SWEEP_PARTS))
     return {"eps": studies.eps_sweep(run, ("running-mean",), budget.eps_values,
                                      steps=budget.attack_steps or 7, **common),
             "steps": studies.steps_sweep(run, ("running-mean",), budget.steps_values,
