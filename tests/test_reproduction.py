@@ -101,7 +101,8 @@ def test_archive_holds_what_resuming_needs(finished, tmp_path):
         tar.extractall(tmp_path)
     run = "dry-2ep/adder-awn"
     assert {f"{run}/config.json", f"{run}/metrics.jsonl", f"{run}/checkpoints/2",
-            "dry-2ep/report", f"{run}/table-parts", f"{run}/sweep-parts"} <= names
+            "dry-2ep/report", f"{run}/table-parts", f"{run}/sweep-parts",
+            f"{run}/interpolation-parts"} <= names
     assert f"{run}/checkpoints/1" not in names  # its studies are done: the latest is enough
     assert load_run(str(tmp_path / run)).epoch == 2
 

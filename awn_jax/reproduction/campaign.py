@@ -270,8 +270,8 @@ def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
 def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
     """A ``.tar.gz`` of what a fresh machine needs to resume the campaign and run its
     studies: every run's config, dataset info, metrics, per-epoch records
-    (``analyze.py --study epoch-records``) and kept table cells and sweep points (a stage
-    cut short resumes), the checkpoint of its latest
+    (``analyze.py --study epoch-records``) and the kept parts of the evaluation stages
+    (a stage cut short resumes), the checkpoint of its latest
     epoch and, until the studies that read them are done (cached in the report), those of
     the epochs they read; and the report so far. Returns the members."""
     from awn_jax.reproduction import stages
@@ -291,7 +291,7 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
         keep = (set() if studied else wanted & set(epochs)) | set(epochs[-1:])
         members += [os.path.join(workdir, name) for name in
                     ("config.json", "dataset_info.json", "metrics.jsonl", "records",
-                     stages.TABLE_PARTS, stages.SWEEP_PARTS)
+                     stages.TABLE_PARTS, stages.SWEEP_PARTS, stages.PATH_PARTS)
                     if os.path.exists(os.path.join(workdir, name))]
         members += [os.path.join(workdir, "checkpoints", str(e)) for e in sorted(keep)]
     members += sorted(os.path.join(root, name) for name in os.listdir(root)

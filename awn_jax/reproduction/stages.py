@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import os
 
-from awn_jax import robustness
+from awn_jax import reports, robustness
 from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.robustness import studies
 from awn_jax.stability import distributions, interpolation
 from awn_jax.training.runs import load_run
 
 
-# Each table cell and sweep point is kept in the run's workdir as it finishes, so a stage
-# killed after hours of attacks (a CPU budget) resumes where it stopped.
-TABLE_PARTS, SWEEP_PARTS = "table-parts", "sweep-parts"
+# Each table cell, sweep point and interpolation path is kept in the run's workdir as it
+# finishes, so a stage killed after hours (a CPU budget) resumes where it stopped.
+TABLE_PARTS, SWEEP_PARTS, PATH_PARTS = "table-parts", "sweep-parts", "interpolation-parts"
 
 
 def table(workdir, budget) -> list[dict]:
@@ -73,10 +73,14 @@ def interpolation_study(workdir, budget) -> list[dict]:
     for epoch_a, epoch_b in epoch_pairs(budget.epochs, layer_type):
         run_a, run_b = load_run(workdir, epoch_a), load_run(workdir, epoch_b)
         for bn_stats in budget.interpolation_bn_stats:
-            results.append(interpolation.interpolate_run(
-                run_a, run_b, num_points=budget.interpolation_points, bn_stats=bn_stats,
-                batch_size=budget.eval_batch_size,
-                num_examples=budget.test_examples or None))
+            settings = dict(num_points=budget.interpolation_points, bn_stats=bn_stats,
+                            batch_size=budget.eval_batch_size,
+                            num_examples=budget.test_examples or None)
+            results.append(reports.cached(
+                os.path.join(workdir, PATH_PARTS), f"epochs{epoch_a}-{epoch_b}-{bn_stats}",
+                {"weights_sha256": [run_a.weights_sha256, run_b.weights_sha256],
+                 "settings": settings},
+                lambda a=run_a, b=run_b, s=settings: interpolation.interpolate_run(a, b, **s)))
     return results
 
 
