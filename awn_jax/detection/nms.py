@@ -29,12 +29,3 @@ def nms(boxes, scores, valid, iou_threshold: float):
 
     keep_sorted = jax.lax.fori_loop(0, len(scores), visit, jnp.zeros(len(scores), bool))
     return jnp.zeros(len(scores), bool).at[order].set(keep_sorted)
-
-
-def top_k_after_nms(boxes, scores, valid, iou_threshold: float, k: int):
-    """The ``k`` best boxes that survive NMS: ``(boxes (k, 4), scores (k,), valid (k,))``,
-    in descending score order; slots beyond the survivors are marked invalid."""
-    keep = nms(boxes, scores, valid, iou_threshold)
-    masked = jnp.where(keep, scores, -jnp.inf)
-    top_scores, index = jax.lax.top_k(masked, k)
-    return boxes[index], jnp.where(keep[index], top_scores, 0.0), keep[index]
