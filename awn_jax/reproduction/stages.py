@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from awn_jax import reports, robustness
+from awn_jax.config import PAPER_EPOCHS
 from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.robustness import studies
 from awn_jax.stability import distributions, interpolation
@@ -47,7 +48,7 @@ def sweeps(workdir, budget) -> dict:
 
 
 # Fig. 2c's pairs of the paper (Sec. 5, "Stability evaluation through linear
-# interpolation"), out of 400 epochs: early and late, ANN and ANN-AWN. ANN-WS takes
+# interpolation"), out of the paper's 400 epochs: early and late, ANN and ANN-AWN. ANN-WS takes
 # ANN-AWN's, the CNN the ANN's.
 PAPER_PAIRS = {"adder": ((160, 164), (290, 294)), "adder-awn": ((125, 135), (283, 294))}
 PAPER_PAIRS["adder-ws"], PAPER_PAIRS["conv"] = PAPER_PAIRS["adder-awn"], PAPER_PAIRS["adder"]
@@ -56,10 +57,10 @@ PAPER_PAIRS["adder-ws"], PAPER_PAIRS["conv"] = PAPER_PAIRS["adder-awn"], PAPER_P
 def epoch_pairs(epochs: int, layer_type: str | None = None) -> list[tuple[int, int]]:
     """The pairs of Fig. 2c at this budget: the first two epochs and the last two; from 100
     epochs on also the paper's pairs of ``layer_type`` (all runs' when None) scaled by
-    ``epochs / 400`` (each epoch rounded, the second at least one after the first)."""
+    ``epochs / PAPER_EPOCHS`` (each epoch rounded, the second at least one after the first)."""
     pairs = {(1, 2), (epochs - 1, epochs)} if epochs >= 2 else set()
     if epochs >= 100:
-        scale = epochs / 400
+        scale = epochs / PAPER_EPOCHS
         for kind in ([layer_type] if layer_type else list(PAPER_PAIRS)):
             for a, b in PAPER_PAIRS[kind]:
                 first = max(1, round(a * scale))

@@ -21,6 +21,7 @@ import numpy as np
 
 from awn_jax import names, reports
 from awn_jax.bn_statistics import BNStats
+from awn_jax.config import PAPER_EPOCHS
 from awn_jax.model import named_leaves
 from awn_jax.nn.batchnorm import EVAL_BN_MODES
 from awn_jax.reports import new_figure
@@ -31,7 +32,6 @@ from awn_jax.training.runs import load_run
 REESTIMATED_MODES = ("tracked", "running-mean")
 MOVEMENT_MEASURES = {"nu_max": "max abs(nu - 1)", "upsilon_max": "max abs(upsilon)",
                      "nu_mean": "mean abs(nu - 1)", "upsilon_mean": "mean abs(upsilon)"}
-PAPER_EPOCHS = 400
 
 
 @dataclasses.dataclass(frozen=True)
