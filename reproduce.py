@@ -4,8 +4,10 @@
 
 trains the four runs (CNN, ANN, ANN-WS, ANN-AWN; resumed when interrupted, skipped when
 finished), evaluates them (Table 1 and 3, PGD sweeps, interpolation, distributions) and
-writes ``<runs_dir>/<budget>-<epochs>ep/report/report.{md,json}`` with its figures. A
-restarted command skips what is done. See ``awn_jax.reproduction``.
+writes ``<runs_dir>/<budget>-<epochs>ep/report/report.{md,json}`` with its figures, and
+the finished runs' weights as shipped models under ``report/pretrained/`` (``--stages
+table,export`` ships without the studies). A restarted command skips what is done. See
+``awn_jax.reproduction``.
 """
 
 import ast
@@ -77,6 +79,9 @@ def main(argv):
             campaign.archive_runs(_RUNS_DIR.value, budget, _ARCHIVE.value)
     if "report" in result:
         print(result["report"])
+    for entry in result.get("pretrained", {}).values():
+        print(f"exported {entry['file']} (and its manifest entry) to "
+              f"{campaign.report_dir(_RUNS_DIR.value, budget)}/pretrained")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def test_campaign_trains_evaluates_and_reports(finished):
     assert [len(saved["interpolation"][t]) for t in PAPER_RUNS] == [1] * 4
     assert "budget `dry`: 2 epochs" in result.stdout and "43.39" in result.stdout
     shipped = json.loads((report_dir / "pretrained" / "manifest.json").read_text())
-    assert set(shipped) == set(campaign.SHIPPED_NAMES.values())
+    assert set(shipped) == {f"{name}_2ep" for name in PAPER_RUNS.values()}
 
 
 @pytest.mark.slow
@@ -82,7 +82,7 @@ def test_reestimated_statistics_get_their_own_table_and_report(finished):
     trained_report = (root / "report" / "report.md").read_text()
     budget = dataclasses.replace(DRY, bn_stats=BNStats("reestimate", num_images=64,
                                                        batch_size=DRY.eval_batch_size))
-    result = reproduction.run_campaign(budget, runs_dir, stages=("table", "report"))
+    result = reproduction.run_campaign(budget, runs_dir, stages=("table", "report", "export"))
     directory = root / "report+reestimate-64"
     assert "re-estimated on 64 un-augmented training images" in (
         directory / "report.md").read_text()
@@ -119,6 +119,8 @@ def test_evaluation_stages_wait_for_finished_runs(tmp_path):
     assert reproduction.run_campaign(DRY, str(tmp_path), stages=("table",))["table"] == {}
     with pytest.raises(UserError, match="no run has finished its 2 epochs"):
         reproduction.run_campaign(DRY, str(tmp_path), stages=("report",))
+    with pytest.raises(UserError, match="no run has finished its 2 epochs"):
+        reproduction.run_campaign(DRY, str(tmp_path), stages=("export",))
     with pytest.raises(UserError, match="unknown stages"):
         reproduction.run_campaign(DRY, str(tmp_path), stages=("tables",))
     with pytest.raises(UserError, match=r"unknown runs \['awn'\]"):
@@ -135,7 +137,10 @@ def test_runs_trains_only_those_and_the_report_is_partial(tmp_path):
     archived = campaign.archive_runs(str(tmp_path), DRY, str(tmp_path / "before.tar.gz"))
     assert checkpoints(archived) == ["dry-2ep/adder-awn/checkpoints/1",
                                      "dry-2ep/adder-awn/checkpoints/2"]  # studies to come
-    result = reproduction.run_campaign(DRY, str(tmp_path), stages=("report",))
+    exported = reproduction.run_campaign(DRY, str(tmp_path), stages=("export",))
+    assert set(exported) == {"workdirs", "table", "pretrained"}  # the table only, no studies
+    assert exported["pretrained"]["adder-awn"]["file"] == "cifar10_r20_awn_2ep.npz"
+    result = reproduction.run_campaign(DRY, str(tmp_path), stages=("report", "export"))
     archived = campaign.archive_runs(str(tmp_path), DRY, str(tmp_path / "after.tar.gz"))
     assert checkpoints(archived) == ["dry-2ep/adder-awn/checkpoints/2"]
     markdown = result["report"]
@@ -155,6 +160,11 @@ def test_run_configs_are_the_official_recipe_at_the_budget(tmp_path):
         assert (config.layer_type, config.num_epochs, config.batch_size) == (layer_type, 10, 256)
         assert (config.dataset, config.data_dir) == ("image_folder", str(tmp_path))
         assert config.normalization == "cifar10" and config.learning_rate == 0.1
+
+
+def test_shipped_names_carry_the_epochs_unless_the_shipped_budget():
+    assert campaign.shipped_name("adder-awn", campaign.SHIPPED_EPOCHS) == "cifar10_r20_awn"
+    assert campaign.shipped_name("conv", 10) == "cifar10_r20_cnn_10ep"
 
 
 def test_verdict_rule():

@@ -9,6 +9,8 @@ writes its results to ``report/stages/<stage>-<layer_type>.json`` with the run's
 and is skipped when that file matches; so a killed campaign restarted with the same
 command loses at most the epoch or the stage in progress, and a run can be evaluated
 while the others still train. The report covers all four, partial while some still train.
+The export writes each finished run's weights as a shipped model (``awn_jax.pretrained``)
+with its Table 1 clean accuracies: it needs the table stage only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from awn_jax.training.metrics import read_metrics
 # The four runs of the campaign are config.PAPER_RUNS, trained in its order: the CNN first,
 # because a CNN short of the accuracy expected at the budget means a problem to find before
 # the others run.
-STAGES = ("train", "table", "sweeps", "interpolation", "distributions", "report")
+STAGES = ("train", "table", "sweeps", "interpolation", "distributions", "report", "export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,14 +210,16 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
     evaluations = {"table": stage_functions.table, "sweeps": stage_functions.sweeps,
                    "interpolation": stage_functions.interpolation_study,
                    "distributions": stage_functions.distributions_study}
-    wanted = [s for s in evaluations if s in stages or "report" in stages]
+    needed = {"report": set(evaluations), "export": {"table"}}  # what they are written from
+    wanted = [s for s in evaluations
+              if s in stages or any(s in needed[k] for k in needed if k in stages)]
     if not wanted:
         return out
     if "report" in stages:
         dirs = workdirs(runs_dir, budget)  # the report covers all four, finished or not
     epochs = {t: len(read_metrics(w)) for t, w in dirs.items()}
     done = {t for t, e in epochs.items() if e >= budget.epochs}
-    if "report" in stages and not done:
+    if not done and ("report" in stages or "export" in stages):
         raise UserError(f"no run has finished its {budget.epochs} epochs yet ({epochs}); "
                         "run the train stage first")
     # Every stage's results are kept in report/stages, whatever the report they go into.
@@ -237,21 +241,32 @@ def run_campaign(budget: Budget, runs_dir: str, data_dir: str = "", stages=STAGE
         directory = report_dir(runs_dir, budget)
         out["report"] = report.write(directory, budget, epochs, dirs,
                                      {s: out[s] for s in evaluations}, command)
-        if not budget.bn_stats.reestimated:  # the shipped statistics are the trained ones
-            out["pretrained"] = export_weights(os.path.join(directory, "pretrained"),
-                                               budget, {t: dirs[t] for t in dirs if t in done},
-                                               out["table"], command)
+    if "export" in stages and budget.bn_stats.reestimated:
+        logging.warning("campaign %s: no export with re-estimated statistics (shipped "
+                        "models keep their trained ones)", budget.name)
+    elif "export" in stages:
+        out["pretrained"] = export_weights(
+            os.path.join(report_dir(runs_dir, budget), "pretrained"), budget,
+            {t: dirs[t] for t in dirs if t in done}, out["table"], command)
     return out
 
 
-# The shipped name of each run: the config file it was trained from.
-SHIPPED_NAMES = PAPER_RUNS
+# The number of epochs of the models shipped under their config's name (cifar10_r20_awn);
+# those of other budgets carry their epochs in the name (cifar10_r20_awn_10ep).
+SHIPPED_EPOCHS = 100
+
+
+def shipped_name(layer_type: str, epochs: int) -> str:
+    """The name a run of ``layer_type`` trained for ``epochs`` ships under."""
+    name = PAPER_RUNS[layer_type]
+    return name if epochs == SHIPPED_EPOCHS else f"{name}_{epochs}ep"
 
 
 def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
                    command: str) -> dict:
-    """Each run's final weights as a shipped model (``awn_jax.pretrained``), its manifest
-    entry carrying the budget and the clean accuracy per BN mode of Table 1."""
+    """Each run's final weights as a shipped model (``awn_jax.pretrained``) named by
+    :func:`shipped_name`, its manifest entry carrying the budget and the clean accuracy per
+    BN mode of Table 1."""
     from awn_jax import pretrained
     from awn_jax.training.runs import load_run
 
@@ -259,7 +274,7 @@ def export_weights(directory: str, budget: Budget, dirs: dict, table: dict,
     for layer_type, workdir in dirs.items():
         rows = table[layer_type]
         entries[layer_type] = pretrained.export(
-            load_run(workdir), SHIPPED_NAMES[layer_type], directory,
+            load_run(workdir), shipped_name(layer_type, budget.epochs), directory,
             budget=budget.describe(), command=command,
             clean_accuracy={row["bn_mode"]: row["clean"] for row in rows},
             test_examples=rows[0]["num_examples"],
