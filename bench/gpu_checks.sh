@@ -109,14 +109,14 @@ fi
 strict_args=${STRICT_ARGS:---num_examples 2000 --batch_size 500 --apgd_steps 100 \
 --square_queries 1000 --eot_attacked 50 --eot_draws 4 --eot_steps 10 --mate_steps 10 \
 --control_batch_size 50}
-for model in cifar10_r20_awn cifar10_r20_ann cifar10_r20_ws cifar10_r20_cnn; do
+for model in cifar10_r20_awn_10ep cifar10_r20_ann_10ep cifar10_r20_ws_10ep cifar10_r20_cnn_10ep; do
   # shellcheck disable=SC2086  # strict_args is a list of flags
   timeout 540 python3 evaluate.py --study strict --bn_mode all --pretrained "$model" \
     --data_dir "$data" $strict_args --output_dir "$out/strict/$model" \
     > "$out/strict_$model.log" 2>&1 &
 done
 wait
-for model in cifar10_r20_awn cifar10_r20_ann cifar10_r20_ws cifar10_r20_cnn; do
+for model in cifar10_r20_awn_10ep cifar10_r20_ann_10ep cifar10_r20_ws_10ep cifar10_r20_cnn_10ep; do
   echo "== $model"; tail -c 2000 "$out/strict_$model.log" | tr '\r' '\n' | tail -n 25
 done
 fi

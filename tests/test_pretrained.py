@@ -139,13 +139,13 @@ def test_pretrained_reports_land_where_the_cli_says(cifar_folder, tmp_path):
     current directory, and the CLI prints that path."""
     repo = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, str(repo / "evaluate.py"), "--pretrained", "cifar10_r20_cnn",
+        [sys.executable, str(repo / "evaluate.py"), "--pretrained", "cifar10_r20_cnn_10ep",
          "--data_dir", cifar_folder, "--attack", "fgsm", "--bn_mode", "tracked",
          "--num_examples", "20", "--batch_size", "20"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(repo)})
     assert result.returncode == 0, result.stderr[-2000:]
-    report = tmp_path / "awn-reports" / "cifar10_r20_cnn"
+    report = tmp_path / "awn-reports" / "cifar10_r20_cnn_10ep"
     assert (report / "robustness.json").exists() and (report / "robustness.md").exists()
     assert f"report written to {report}" in result.stdout
     assert json.loads((report / "robustness.json").read_text())[0]["num_examples"] == 20
