@@ -75,10 +75,21 @@ def test_export_then_load_round_trips(tmp_path):
     for mode in pretrained.CHECK_BN_MODES:
         np.testing.assert_array_equal(np.asarray(loaded.logits_fn(mode)(images)),
                                       np.asarray(run.logits_fn(mode)(images)))
+    package = str(tmp_path / "package")  # a folder with a model already, as the package's
+    pretrained.export(run, "older", package, budget="kept")
+    assert pretrained.copy_models(directory, package) == ["smoke_awn"]
+    assert pretrained.names(package) == ["older", "smoke_awn"]
+    np.testing.assert_array_equal(
+        np.asarray(pretrained.load("smoke_awn", directory=package).logits_fn("tracked")(images)),
+        np.asarray(run.logits_fn("tracked")(images)))
     with open(os.path.join(directory, "smoke_awn.npz"), "ab") as f:
         f.write(b"damage")
     with pytest.raises(UserError, match="sha256"):
         pretrained.load("smoke_awn", directory=directory)
+    with pytest.raises(UserError, match="sha256"):
+        pretrained.copy_models(directory, package)
+    with pytest.raises(UserError, match="no manifest.json"):
+        pretrained.copy_models(str(tmp_path / "nothing"), package)
     with pytest.raises(UserError, match="no shipped model 'nope'"):
         pretrained.load("nope", directory=directory)
     with open(os.path.join(directory, "manifest.json")) as f:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -103,6 +104,29 @@ def load(name: str, data_dir: str | None = None, directory: str = WEIGHTS_DIR,
                batch_stats).with_bn_stats(bn_stats)
 
 
+def copy_models(source: str, directory: str = WEIGHTS_DIR) -> list[str]:
+    """Add every model of the shipped-model folder ``source`` (files and manifest entries;
+    e.g. a campaign's ``report/pretrained/``) to ``directory``, the package's by default,
+    replacing models of the same name; each file checked against its sha256 first."""
+    source = os.path.expanduser(source)
+    models = manifest(source)
+    if not models:
+        raise UserError(f"{source} holds no {MANIFEST} with models")
+    for name, entry in models.items():
+        if file_sha256(os.path.join(source, entry["file"])) != entry["sha256"]:
+            raise UserError(f"{source}/{entry['file']} does not match its sha256 in the manifest")
+    os.makedirs(directory, exist_ok=True)
+    for entry in models.values():
+        shutil.copyfile(os.path.join(source, entry["file"]), os.path.join(directory, entry["file"]))
+    _write_manifest(directory, {**manifest(directory), **models})
+    return sorted(models)
+
+
+def _write_manifest(directory: str, models: dict) -> None:
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump(models, f, indent=1, sort_keys=True)
+
+
 def export(run: Run, name: str, directory: str, info: data.DatasetInfo | None = None,
            **details) -> dict:
     """Write ``run``'s parameters and BN statistics as ``<directory>/<name>.npz`` and add
@@ -124,9 +148,6 @@ def export(run: Run, name: str, directory: str, info: data.DatasetInfo | None = 
                          for mode in CHECK_BN_MODES},
         **details,
     }
-    models = manifest(directory)
-    models[name] = entry
-    with open(os.path.join(directory, MANIFEST), "w") as f:
-        json.dump(models, f, indent=1, sort_keys=True)
+    _write_manifest(directory, {**manifest(directory), name: entry})
     return entry
 
