@@ -112,7 +112,7 @@ def copy_models(source: str, directory: str = WEIGHTS_DIR) -> list[str]:
     models = manifest(source)
     if not models:
         raise UserError(f"{source} holds no {MANIFEST} with models")
-    for name, entry in models.items():
+    for entry in models.values():
         if file_sha256(os.path.join(source, entry["file"])) != entry["sha256"]:
             raise UserError(f"{source}/{entry['file']} does not match its sha256 in the manifest")
     os.makedirs(directory, exist_ok=True)
