@@ -11,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from awn_jax.nn import (BN_MODES, LAYER_TYPES, AWNParam, BasicBlock, BatchNorm, Conv2d,
-                        ResNet, create_model, set_bn_mode)
+                        ResNet, ZeroPadShortcut, create_model, set_bn_mode)
 from awn_jax.ops import adaptive_normalize, adder_conv2d, standardize
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -275,6 +275,56 @@ def test_model_output_shape(name, layer_type):
 ])
 def test_cifar_parameter_counts(name, layer_type, expected):
     assert _param_count(_abstract_model(name, layer_type)) == expected
+
+
+@pytest.mark.parametrize("name,expected", [
+    # The public CIFAR ResNets (pytorch_resnet_cifar10, the imported CNNs) state 269,722 and
+    # 464,154 parameters: the projection model's count less its two 1x1 projections with their
+    # BatchNorm (16*32 + 2*32 + 32*64 + 2*64 = 2,752) and the logits' BatchNorm (20), plus the
+    # linear layer's bias (10).
+    ("resnet20", 269_722),
+    ("resnet32", 464_154),
+])
+def test_option_a_linear_head_cnn_parameter_counts(name, expected):
+    model = nnx.eval_shape(lambda: create_model(
+        name, num_classes=10, layer_type="conv", mean=MEAN, std=STD, shortcut="option-a",
+        head="linear", rngs=nnx.Rngs(0)))
+    assert _param_count(model) == expected
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads_the_channels():
+    x = np.asarray(_images((2, 6, 6, 16)))
+    expected = np.zeros((2, 3, 3, 32), np.float32)
+    expected[..., 8:24] = x[:, ::2, ::2]
+    np.testing.assert_array_equal(np.asarray(ZeroPadShortcut(16, 32, 2)(jnp.asarray(x))),
+                                  expected)
+    with pytest.raises(ValueError, match="option-A"):
+        ZeroPadShortcut(16, 48, 2)
+
+
+@pytest.mark.parametrize("head", ["linear", "conv-bn"])
+def test_linear_head_is_affine_in_the_classifier_and_conv_bn_head_normalizes_it(head):
+    """Under ``running`` (batch statistics everywhere) doubling the classifier's kernel doubles
+    the linear head's logits less its bias and leaves the BatchNorm head's unchanged (centred
+    over the batch: its shift is 0 at initialization)."""
+    model = ResNet(BasicBlock, (1, 1), (4, 8), imagenet_stem=False, num_classes=3,
+                   layer_type="conv", mean=MEAN, std=STD, shortcut="option-a", head=head,
+                   rngs=nnx.Rngs(0))
+    set_bn_mode(model, "running")
+    images = _images((4, 8, 8, 3))
+    if head == "linear":
+        model.classifier_bias[...] = jnp.array([0.5, -1.0, 2.0])
+    bias = model.classifier_bias[...] if head == "linear" else 0.0
+    before = _forward(model, images)
+    model.classifier.kernel[...] = 2 * model.classifier.kernel[...]
+    after = _forward(model, images)
+    if head == "linear":
+        assert not hasattr(model, "classifier_bn")
+        chex.assert_trees_all_close(after - bias, 2 * (before - bias), rtol=1e-5, atol=1e-5)
+    else:
+        assert not hasattr(model, "classifier_bias")
+        chex.assert_trees_all_close(after, before, atol=1e-3)   # up to BatchNorm's eps
+        chex.assert_trees_all_close(after.mean(axis=0), jnp.zeros(3), atol=1e-5)
 
 
 @pytest.mark.parametrize("name,expected", [
