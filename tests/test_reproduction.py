@@ -143,6 +143,14 @@ def test_runs_trains_only_those_and_the_report_is_partial(tmp_path):
     result = reproduction.run_campaign(DRY, str(tmp_path), stages=("report", "export"))
     archived = campaign.archive_runs(str(tmp_path), DRY, str(tmp_path / "after.tar.gz"))
     assert checkpoints(archived) == ["dry-2ep/adder-awn/checkpoints/2"]
+    records = tmp_path / "dry-2ep/adder-awn/records"  # per-epoch records begun: epoch 1 kept
+    records.mkdir()
+    archived = campaign.archive_runs(str(tmp_path), DRY, str(tmp_path / "records.tar.gz"))
+    assert checkpoints(archived) == ["dry-2ep/adder-awn/checkpoints/1",
+                                     "dry-2ep/adder-awn/checkpoints/2"]
+    (records / "epoch-1.json").write_text("{}")
+    archived = campaign.archive_runs(str(tmp_path), DRY, str(tmp_path / "recorded.tar.gz"))
+    assert checkpoints(archived) == ["dry-2ep/adder-awn/checkpoints/2"]
     markdown = result["report"]
     assert "**Partial report**: still training CNN (0 of 2 epochs), ANN (0 of 2 epochs)" in (
         markdown)

@@ -288,7 +288,9 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
     (``analyze.py --study epoch-records``) and the kept parts of the evaluation stages
     (a stage cut short resumes), the checkpoint of its latest
     epoch and, until the studies that read them are done (cached in the report), those of
-    the epochs they read; and the report so far. Returns the members."""
+    the epochs they read, and once a run's per-epoch records have begun (its ``records/``
+    exists), every checkpoint not yet recorded (a fresh machine computes those records
+    instead of losing them); and the report so far. Returns the members."""
     from awn_jax.reproduction import stages
     from awn_jax.training.checkpointing import saved_epochs
 
@@ -304,6 +306,10 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
                                                   stage_name(stage, layer_type) + ".json"))
                       for stage in ("interpolation", "distributions"))
         keep = (set() if studied else wanted & set(epochs)) | set(epochs[-1:])
+        records = os.path.join(workdir, "records")
+        if os.path.isdir(records):
+            keep |= {e for e in epochs
+                     if not os.path.exists(os.path.join(records, f"epoch-{e}.json"))}
         members += [os.path.join(workdir, name) for name in
                     ("config.json", "dataset_info.json", "metrics.jsonl", "records",
                      stages.TABLE_PARTS, stages.SWEEP_PARTS, stages.PATH_PARTS)
