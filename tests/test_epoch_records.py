@@ -1,7 +1,9 @@
 """Per-epoch records (awn_jax.stability.epoch_records): AWN's movement read off the
 parameters, accuracies that are the evaluator's, one cached record per saved epoch."""
 
+import dataclasses
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -45,7 +47,7 @@ def test_awn_movement_is_read_off_the_parameters(workdir):
     assert epoch_records.awn_movement({"conv": {"kernel": np.ones(3)}}) is None
 
 
-def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch):
+def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch, tmp_path):
     result = epoch_records.collect(workdir, SETTINGS)
     assert [r["epoch"] for r in result["records"]] == [1, 2]
     run = load_run(workdir, 2)
@@ -64,6 +66,14 @@ def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch):
     monkeypatch.setattr(bn_statistics, "reestimate",
                         lambda *a, **k: pytest.fail("recomputed cached statistics"))
     assert epoch_records.collect(workdir, SETTINGS)["records"] == result["records"]
+    fresh = tmp_path / "fresh"  # a fresh machine: epoch 1's checkpoint gone, its record kept
+    shutil.copytree(workdir, fresh)
+    shutil.rmtree(fresh / "checkpoints" / "1")
+    assert epoch_records.collect(str(fresh), SETTINGS)["records"] == result["records"]
+    other = dataclasses.replace(SETTINGS, test_examples=20)  # another record set: epoch 2 only
+    monkeypatch.setattr(epoch_records, "record_epoch",
+                        lambda run, *a, **k: {"epoch": run.epoch, "awn": None})
+    assert epoch_records.collect(str(fresh), other)["records"] == [{"epoch": 2, "awn": None}]
     markdown = epoch_records.format_markdown([result])
     assert "| 2 | " in markdown and "max abs(nu-1)" in markdown
     epoch_records.plot([result])

@@ -14,6 +14,7 @@ extrapolation of that movement to the paper's 400 epochs (:func:`extrapolate_awn
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import ml_collections
@@ -86,12 +87,19 @@ def record_epoch(run, settings: RecordSettings = RecordSettings(), evaluator=Non
 
 def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=None,
             data_dir: str | None = None, progress=None) -> dict:
-    """The records of ``epochs`` (default: every saved one) of a run, each computed once
-    and then read from ``<workdir>/records/``."""
-    epochs = checkpointing.saved_epochs(workdir) if epochs is None else list(epochs)
+    """The records of ``epochs`` (default: every saved or recorded one) of a run, each
+    computed once and then read from ``<workdir>/records/``. An epoch whose checkpoint is
+    gone (a fresh machine holds only the resume archive's) keeps the record made from it
+    with these settings."""
     key = {"settings": dataclasses.asdict(settings)}
+    saved = checkpointing.saved_epochs(workdir)
+    recorded = _recorded(workdir, key)
+    epochs = sorted(set(saved) | set(recorded)) if epochs is None else list(epochs)
     records, evaluator = [], None
     for epoch in epochs:
+        if epoch not in saved and epoch in recorded:
+            records.append(recorded[epoch])
+            continue
         run = load_run(workdir, epoch, data_dir)
         evaluator = evaluator or run.evaluator
         records.append(reports.cached(
@@ -104,6 +112,19 @@ def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=No
     return {"model": names.paper_name(config["layer_type"]), "workdir": workdir,
             "settings": dataclasses.asdict(settings), "records": records,
             "awn_extrapolation": extrapolate_awn_movement(records, config)}
+
+
+def _recorded(workdir: str, key: dict) -> dict[int, dict]:
+    """The records kept in ``<workdir>/records/`` with ``key``'s settings, by epoch."""
+    folder = os.path.join(workdir, "records")
+    found = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith("epoch-") and name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                saved = json.load(f)
+            if saved.get("settings") == json.loads(json.dumps(key["settings"])):
+                found[saved["results"]["epoch"]] = saved["results"]
+    return found
 
 
 def cumulative_learning_rate(config: dict, num_epochs: int | None = None,
