@@ -14,7 +14,8 @@ Studies (``--study``, comma-separated, or ``all``: the paper's, the first four):
   epoch-records    per saved epoch: clean accuracy under every BN mode with the trained and
                    re-estimated statistics, AWN's nu/upsilon movement (--num_examples test
                    images, default 2000; statistics re-estimated as --bn_stats asks, by
-                   default on 2000 images; kept in <workdir>/records/)
+                   default on 2000 images; kept in <workdir>/records/, and read from
+                   there for epochs whose checkpoint is gone)
   layer-variance   Sec. 3 on a trained adder network: per adder layer the kernel, input and
                    output statistics against Eq. 7-8 (workdirs and --pretrained models)
 Each writes stability_<study>.json and .png into --output_dir (default: the first workdir);
