@@ -292,6 +292,7 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
     exists), every checkpoint not yet recorded (a fresh machine computes those records
     instead of losing them); and the report so far. Returns the members."""
     from awn_jax.reproduction import stages
+    from awn_jax.stability import epoch_records
     from awn_jax.training.checkpointing import saved_epochs
 
     root = campaign_dir(runs_dir, budget)
@@ -306,10 +307,8 @@ def archive_runs(runs_dir: str, budget: Budget, path: str) -> list[str]:
                                                   stage_name(stage, layer_type) + ".json"))
                       for stage in ("interpolation", "distributions"))
         keep = (set() if studied else wanted & set(epochs)) | set(epochs[-1:])
-        records = os.path.join(workdir, "records")
-        if os.path.isdir(records):
-            keep |= {e for e in epochs
-                     if not os.path.exists(os.path.join(records, f"epoch-{e}.json"))}
+        if os.path.isdir(epoch_records.records_dir(workdir)):
+            keep |= {e for e in epochs if not epoch_records.is_recorded(workdir, e)}
         members += [os.path.join(workdir, name) for name in
                     ("config.json", "dataset_info.json", "metrics.jsonl", "records",
                      stages.TABLE_PARTS, stages.SWEEP_PARTS, stages.PATH_PARTS)

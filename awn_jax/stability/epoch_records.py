@@ -85,6 +85,15 @@ def record_epoch(run, settings: RecordSettings = RecordSettings(), evaluator=Non
     }
 
 
+def records_dir(workdir: str) -> str:
+    """Where a run's per-epoch records are kept, one ``epoch-<N>.json`` each."""
+    return os.path.join(workdir, "records")
+
+
+def is_recorded(workdir: str, epoch: int) -> bool:
+    return os.path.exists(os.path.join(records_dir(workdir), f"epoch-{epoch}.json"))
+
+
 def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=None,
             data_dir: str | None = None, progress=None) -> dict:
     """The records of ``epochs`` (default: every saved or recorded one) of a run, each
@@ -103,7 +112,7 @@ def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=No
         run = load_run(workdir, epoch, data_dir)
         evaluator = evaluator or run.evaluator
         records.append(reports.cached(
-            os.path.join(workdir, "records"), f"epoch-{epoch}",
+            records_dir(workdir), f"epoch-{epoch}",
             {**key, "weights_sha256": run.weights_sha256},
             lambda run=run: record_epoch(run, settings, evaluator)))
         if progress is not None:
@@ -116,13 +125,14 @@ def collect(workdir: str, settings: RecordSettings = RecordSettings(), epochs=No
 
 def _recorded(workdir: str, key: dict) -> dict[int, dict]:
     """The records kept in ``<workdir>/records/`` with ``key``'s settings, by epoch."""
-    folder = os.path.join(workdir, "records")
+    folder = records_dir(workdir)
+    settings = json.loads(json.dumps(key["settings"]))  # as the saved JSON reads back
     found = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         if name.startswith("epoch-") and name.endswith(".json"):
             with open(os.path.join(folder, name)) as f:
                 saved = json.load(f)
-            if saved.get("settings") == json.loads(json.dumps(key["settings"])):
+            if saved.get("settings") == settings:
                 found[saved["results"]["epoch"]] = saved["results"]
     return found
 
