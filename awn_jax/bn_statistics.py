@@ -11,7 +11,11 @@ Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3):
 * layer by layer, in the order the forward calls them: the statistics of the k-th BN are
   those of its input when BNs 1..k-1 already use their new statistics, so every layer's
   statistics describe the inputs it will meet with the new model. Pass k runs a forward
-  compiled to stop at the k-th BN, so L BNs cost about L/2 forwards of the images.
+  compiled to stop at the k-th BN. A model whose forward is a chain of segments
+  (``model.segments()``: a ResNet's stem, blocks and head) keeps each segment's outputs
+  once its BNs are done, and pass k starts from the input of the k-th BN's segment: L BNs
+  cost about two forwards of the images instead of L/2 (the activations kept between
+  segments are bounded by ``cache_bytes``; past it, every pass starts from the images).
 * ``reestimate``: the forward in ``tracked``; mean and variance are the population's,
   the variance unbiased over the ``N*H*W`` values of a channel (as the running variance
   is unbiased).
@@ -105,28 +109,54 @@ class BNStats:
                 f"{self.batch_size})")
 
 
-def bn_layers(graphdef, params, batch_stats, image_shape) -> list[tuple[str, int]]:
-    """``(name, values per channel per image)`` of the model's BatchNorms (``"stages.0.0.bn1"``,
-    ``H * W`` of its input), in the order its forward calls them."""
-    layers = []
+def segments(model) -> list[Callable]:
+    """``model``'s forward as a chain of functions of one array each: its ``segments()``
+    (:meth:`awn_jax.nn.resnet.ResNet.segments`), else the whole forward as one."""
+    return model.segments() if hasattr(model, "segments") else [model]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """One segment of the forward: the BNs it calls, in order, as ``(name, values per
+    channel per image)``, and the shape of one image's output."""
+
+    layers: tuple[tuple[str, int], ...]
+    output_shape: tuple[int, ...]
+
+
+def _trace_segments(graphdef, params, batch_stats, image_shape, whole: bool) -> list[_Segment]:
+    """The segments of the model's forward (one if ``whole``) and the BNs each calls."""
+    traced = []
 
     def forward(params, batch_stats, images):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         path_of = bn_paths(model)
+        x = images
+        for segment in ([model] if whole else segments(model)):
+            layers = []
 
-        def record(module, x, y):
-            layers.append((path_of[id(module)], int(np.prod(x.shape[1:-1]))))
-            return y
+            def record(module, inputs, y):
+                layers.append((path_of[id(module)], int(np.prod(inputs.shape[1:-1]))))
+                return y
 
-        with intercept(record):
-            return model(images)
+            with intercept(record):
+                x = segment(x)
+            traced.append(_Segment(tuple(layers), tuple(x.shape[1:])))
+        return x
 
     jax.eval_shape(forward, params, batch_stats,
                    jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
-    names = [name for name, _ in layers]
+    names = [name for segment in traced for name, _ in segment.layers]
     if len(set(names)) != len(names):
         raise ValueError(f"a BatchNorm is called more than once per forward: {names}")
-    return layers
+    return traced
+
+
+def bn_layers(graphdef, params, batch_stats, image_shape) -> list[tuple[str, int]]:
+    """``(name, values per channel per image)`` of the model's BatchNorms (``"stages.0.0.bn1"``,
+    ``H * W`` of its input), in the order its forward calls them."""
+    (whole,) = _trace_segments(graphdef, params, batch_stats, image_shape, whole=True)
+    return list(whole.layers)
 
 
 def bn_paths(model) -> dict[int, str]:
@@ -145,12 +175,23 @@ class _Reached(Exception):
         self.moments = moments
 
 
+def _segment_of(model, index: int | None):
+    """The segment ``index`` of ``model``'s forward, or its whole forward (``None``)."""
+    return model if index is None else segments(model)[index]
+
+
+def _shardings(mesh, split: bool):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return replicated, (NamedSharding(mesh, PartitionSpec("data")) if split else replicated)
+
+
 @functools.lru_cache(maxsize=512)
-def _moments_fn(graphdef, name: str, mesh, split: bool):
-    """A compiled ``(params, batch_stats, images) -> (mean, M2)``: the per-channel input mean
-    of the BN ``name`` over the batch, and the sum of squared deviations from it. Kept, so
-    re-estimating another checkpoint of the same model compiles nothing."""
-    def moments(params, batch_stats, images):
+def _moments_fn(graphdef, segment: int | None, name: str, mesh, split: bool):
+    """A compiled ``(params, batch_stats, inputs) -> (mean, M2)``: the per-channel input mean
+    of the BN ``name`` over the batch, and the sum of squared deviations from it, from the
+    inputs of the forward's ``segment`` (``None``: the whole forward, from the images). Kept,
+    so re-estimating another checkpoint of the same model compiles nothing."""
+    def moments(params, batch_stats, inputs):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         path_of = bn_paths(model)
 
@@ -163,15 +204,25 @@ def _moments_fn(graphdef, name: str, mesh, split: bool):
 
         try:
             with intercept(reach):
-                model(images)
+                _segment_of(model, segment)(inputs)
         except _Reached as reached:
             return reached.moments
         raise ValueError(f"the forward never called the BatchNorm {name}")
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    images = NamedSharding(mesh, PartitionSpec("data")) if split else replicated
-    return under_mesh(jax.jit(moments, in_shardings=(replicated, replicated, images),
+    replicated, batch = _shardings(mesh, split)
+    return under_mesh(jax.jit(moments, in_shardings=(replicated, replicated, batch),
                               out_shardings=replicated), mesh)
+
+
+@functools.lru_cache(maxsize=512)
+def _segment_fn(graphdef, segment: int, mesh, split: bool):
+    """A compiled ``(params, batch_stats, inputs) -> outputs`` of the forward's ``segment``."""
+    def forward(params, batch_stats, inputs):
+        return _segment_of(nnx.merge(graphdef, params, batch_stats, copy=True), segment)(inputs)
+
+    replicated, batch = _shardings(mesh, split)
+    return under_mesh(jax.jit(forward, in_shardings=(replicated, replicated, batch),
+                              out_shardings=batch), mesh)
 
 
 class _Accumulator:
@@ -200,35 +251,61 @@ class _Accumulator:
         return self.mean, self.within / self.within_weight
 
 
+CACHE_BYTES = 4 << 30
+"""The most that re-estimation keeps of the activations between segments (both sides of
+one segment at once) before it falls back to forwards from the images for every BN."""
+
+
 def reestimate(graphdef, params, batch_stats, batches: Callable[[], Iterable[np.ndarray]], *,
-               source: str = "reestimate", mesh=None, show_progress: bool = False):
+               source: str = "reestimate", mesh=None, show_progress: bool = False,
+               cache_bytes: int = CACHE_BYTES):
     """New BN statistics for ``params`` (a tree like ``batch_stats``, of numpy arrays),
     re-estimated on the images of ``batches()`` (a fresh iterable of NHWC image batches in
-    [0, 1] per call: it is read once per BN layer). ``batch_stats`` supplies the structure
-    and, for the layers not yet re-estimated, the values; it is not changed."""
+    [0, 1] per call: it is read a few times, or once per BN layer past ``cache_bytes``).
+    ``batch_stats`` supplies the structure and, for the layers not yet re-estimated, the
+    values; it is not changed."""
     if source not in _FORWARD_MODE:
         raise UserError(f"cannot re-estimate {source!r} statistics; expected one of "
                         f"{', '.join(_FORWARD_MODE)}")
-    first = next(iter(batches()), None)
-    if first is None:
+    sizes = [len(images) for images in batches()]
+    if not sizes:
         raise UserError("re-estimating BN statistics needs at least one batch of images")
     mesh = make_mesh() if mesh is None else mesh
     graphdef = with_bn_mode(graphdef, params, batch_stats, _FORWARD_MODE[source])
-    layers = bn_layers(graphdef, params, batch_stats, np.shape(first)[1:])
+    image_shape = np.shape(next(iter(batches())))[1:]
+    plan = _trace_segments(graphdef, params, batch_stats, image_shape, whole=False)
+    largest = max((int(np.prod(segment.output_shape)) for segment in plan[:-1]), default=0)
+    if 2 * 4 * largest * sum(sizes) > cache_bytes:  # float32, a segment's input and output
+        plan = _trace_segments(graphdef, params, batch_stats, image_shape, whole=True)
+    whole = len(plan) == 1
     stats = {name: np.asarray(value)
              for name, value in named_leaves(jax.device_get(batch_stats)).items()}
-    for name, per_image in tqdm.tqdm(layers, desc="BN statistics", unit="layer",
-                                     disable=not show_progress):
-        current = fill_named(batch_stats, stats)
-        accumulator = _Accumulator()
-        for images in batches():
-            split = len(images) % mesh.devices.size == 0
-            moments = _moments_fn(graphdef, name, mesh, split)(params, current,
-                                                                np.asarray(images))
-            accumulator.add(len(images) * per_image, *jax.device_get(moments))
-        mean, var = accumulator.statistics(source)
-        for key, value in ((f"{name}.mean", mean), (f"{name}.var", var)):
-            stats[key] = value.astype(stats[key].dtype)
+    progress = tqdm.tqdm(total=sum(len(segment.layers) for segment in plan),
+                         desc="BN statistics", unit="layer", disable=not show_progress)
+
+    def images():
+        return (np.asarray(batch) for batch in batches())
+
+    inputs = images
+    for index, segment in enumerate(plan):
+        for name, per_image in segment.layers:
+            current = fill_named(batch_stats, stats)
+            accumulator = _Accumulator()
+            for x in inputs():
+                split = len(x) % mesh.devices.size == 0
+                moments = _moments_fn(graphdef, None if whole else index, name, mesh,
+                                      split)(params, current, x)
+                accumulator.add(len(x) * per_image, *jax.device_get(moments))
+            mean, var = accumulator.statistics(source)
+            for key, value in ((f"{name}.mean", mean), (f"{name}.var", var)):
+                stats[key] = value.astype(stats[key].dtype)
+            progress.update()
+        if index < len(plan) - 1 and any(later.layers for later in plan[index + 1:]):
+            current = fill_named(batch_stats, stats)
+            outputs = [_segment_fn(graphdef, index, mesh, len(x) % mesh.devices.size == 0)(
+                params, current, x) for x in inputs()]
+            inputs = functools.partial(iter, outputs)
+    progress.close()
     return fill_named(batch_stats, stats)
 
 

@@ -16,8 +16,8 @@ from awn_jax import bn_statistics
 from awn_jax.bn_statistics import BNStats, reestimate
 from awn_jax.distributed import make_mesh
 from awn_jax.errors import UserError
-from awn_jax.model import apply_model, named_leaves, split_model, with_bn_mode
-from awn_jax.nn import BatchNorm, Conv2d
+from awn_jax.model import apply_model, fill_named, named_leaves, split_model, with_bn_mode
+from awn_jax.nn import BatchNorm, Conv2d, create_model
 from awn_jax.ops.reference import adder_conv2d_reference
 from awn_jax.training.runs import load_run
 from workdirs import random_workdir
@@ -113,6 +113,47 @@ def test_statistics_match_a_float64_computation_layer_by_layer(source):
         assert new[name]["var"][...].dtype == np.float32
     # The reference itself is far from the trained statistics it replaced.
     assert not np.allclose(expected["bn2"][1], batch_stats["bn2"]["var"][...], rtol=0.1)
+
+
+def _resnet():
+    """A ResNet-20 of AWN adder layers on 8x8 images, its trained statistics far from what
+    the images give: the model whose forward re-estimation walks segment by segment."""
+    model = create_model("resnet20", num_classes=10, layer_type="adder-awn", mean=(0.5,) * 3,
+                         std=(0.25,) * 3, rngs=nnx.Rngs(3))
+    graphdef, params, batch_stats = split_model(model)
+    rng = np.random.default_rng(4)
+    wrong = {name: (rng.uniform(10, 50, np.shape(value)) if name.endswith(".var")
+                    else rng.normal(-30, 5, np.shape(value)))
+             for name, value in named_leaves(batch_stats).items()}
+    return graphdef, params, fill_named(batch_stats, wrong)
+
+
+@pytest.mark.parametrize("source", ["reestimate", "reestimate-running-mean"])
+def test_resnet_segments_give_the_statistics_of_forwards_from_the_images(source):
+    """Kept between a ResNet's segments, the activations give the statistics that forwards
+    from the images give (``cache_bytes=0`` forces those, the way the float64 test above
+    checks), while the images are read a few times instead of once per BN."""
+    graphdef, params, batch_stats = _resnet()
+    batches = _batches(sizes=(6, 6, 5))
+    reads = {}
+    results = {}
+    for cache_bytes in (bn_statistics.CACHE_BYTES, 0):
+        reads[cache_bytes] = 0
+
+        def read():
+            reads[cache_bytes] += 1
+            return iter(batches)
+
+        results[cache_bytes] = reestimate(graphdef, params, batch_stats, read, source=source,
+                                          mesh=make_mesh(1), cache_bytes=cache_bytes)
+    segmented, whole = (named_leaves(results[c]) for c in (bn_statistics.CACHE_BYTES, 0))
+    for name, value in whole.items():
+        np.testing.assert_allclose(segmented[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert not np.allclose(whole["classifier_bn.var"],
+                           named_leaves(batch_stats)["classifier_bn.var"], rtol=0.1)
+    num_bns = sum(name.endswith(".var") for name in whole)
+    assert reads[0] >= num_bns == 22
+    assert reads[bn_statistics.CACHE_BYTES] <= 4
 
 
 def test_trained_statistics_and_parameters_are_untouched():

@@ -192,13 +192,26 @@ class ResNet(nnx.Module):
         self.head = head
 
     def __call__(self, images):
+        x = images
+        for segment in self.segments():
+            x = segment(x)
+        return x
+
+    def segments(self) -> list[Callable]:
+        """The forward as a chain of functions of one array each: the stem, every block, the
+        head. Re-estimating BN statistics layer by layer keeps the activations between them
+        (:mod:`awn_jax.bn_statistics`), so it need not run the forward from the images for
+        every layer."""
+        return [self._stem, *(block for stage in self.stages for block in stage), self._head]
+
+    def _stem(self, images):
         x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
         x = nnx.relu(self.stem_bn(self.stem_conv(x)))
         if self.imagenet_stem:
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for stage in self.stages:
-            for block in stage:
-                x = block(x)
+        return x
+
+    def _head(self, x):
         x = self.classifier(jnp.mean(x, axis=(1, 2), keepdims=True))
         x = self.classifier_bn(x) if self.head == "conv-bn" else x + self.classifier_bias[...]
         return x.reshape(x.shape[0], -1).astype(jnp.float32)
