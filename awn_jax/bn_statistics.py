@@ -286,15 +286,17 @@ def reestimate(graphdef, params, batch_stats, batches: Callable[[], Iterable[np.
     def images():
         return (np.asarray(batch) for batch in batches())
 
+    def split(x):  # shard a batch over the devices where it divides evenly
+        return len(x) % mesh.devices.size == 0
+
     inputs = images
     for index, segment in enumerate(plan):
         for name, per_image in segment.layers:
             current = fill_named(batch_stats, stats)
             accumulator = _Accumulator()
             for x in inputs():
-                split = len(x) % mesh.devices.size == 0
                 moments = _moments_fn(graphdef, None if whole else index, name, mesh,
-                                      split)(params, current, x)
+                                      split(x))(params, current, x)
                 accumulator.add(len(x) * per_image, *jax.device_get(moments))
             mean, var = accumulator.statistics(source)
             for key, value in ((f"{name}.mean", mean), (f"{name}.var", var)):
@@ -302,8 +304,8 @@ def reestimate(graphdef, params, batch_stats, batches: Callable[[], Iterable[np.
             progress.update()
         if index < len(plan) - 1 and any(later.layers for later in plan[index + 1:]):
             current = fill_named(batch_stats, stats)
-            outputs = [_segment_fn(graphdef, index, mesh, len(x) % mesh.devices.size == 0)(
-                params, current, x) for x in inputs()]
+            outputs = [_segment_fn(graphdef, index, mesh, split(x))(params, current, x)
+                       for x in inputs()]
             inputs = functools.partial(iter, outputs)
     progress.close()
     return fill_named(batch_stats, stats)
