@@ -76,7 +76,8 @@ def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch, 
     assert epoch_records.collect(str(fresh), other)["records"] == [{"epoch": 2, "awn": None}]
     markdown = epoch_records.format_markdown([result])
     assert "| 2 | " in markdown and "max abs(nu-1)" in markdown
-    epoch_records.plot([result])
+    # One accuracy panel per run and AWN's, two to a row: 1 run 1x2, 2 runs 3 of 2x2.
+    assert [len(epoch_records.plot([result] * n).axes) for n in (1, 2, 3)] == [2, 3, 4]
 
 
 def test_cumulative_learning_rate_of_the_official_cosine():

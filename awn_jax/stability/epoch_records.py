@@ -180,31 +180,55 @@ def extrapolate_awn_movement(records, config: dict, target_epochs: int = PAPER_E
             "measures": measures}
 
 
+def _gapped(epochs, values):
+    """``(epochs, values)`` with a NaN between epochs that do not follow each other, so a
+    plotted line breaks where records are missing instead of bridging them."""
+    xs, ys = [], []
+    for epoch, value in zip(epochs, values):
+        if xs and epoch > xs[-1] + 1:
+            xs.append(np.nan)
+            ys.append(np.nan)
+        xs.append(epoch)
+        ys.append(value)
+    return xs, ys
+
+
 def plot(results):
-    """Accuracy per epoch under each mode (trained statistics solid, re-estimated dashed)
-    and AWN's largest ``|nu - 1|`` and ``|upsilon|``."""
-    fig, (ax_acc, ax_awn) = new_figure(1, 2, figsize=(14, 4.5))
+    """One panel per run: accuracy per epoch under each mode with the trained statistics
+    and "-R" with re-estimated ones (lines broken where epochs have no record); and a panel
+    of AWN's largest ``|nu - 1|`` and ``|upsilon|``. Two panels to a row, the accuracy axes
+    shared."""
+    rows = (len(results) + 2) // 2
+    fig, axes = new_figure(rows, 2, figsize=(14, 4.5 * rows), squeeze=False)
+    axes = list(axes.flat)
+    run_axes, ax_awn = axes[:len(results)], axes[len(results)]
+    for ax in axes[len(results) + 1:]:
+        ax.remove()
     styles = {"tracked": "-", "running-mean": "--", "running": ":"}
-    for i, r in enumerate(results):
+    for i, (r, ax) in enumerate(zip(results, run_axes)):
         color, epochs = f"C{i}", [rec["epoch"] for rec in r["records"]]
         for mode, style in styles.items():
-            ax_acc.plot(epochs, [100 * rec["trained"][mode] for rec in r["records"]], style,
-                        color=color, lw=1.5, label=f"{r['model']} {mode}")
-        ax_acc.plot(epochs, [100 * rec["reestimated"]["running-mean"] for rec in r["records"]],
-                    "-.", color=color, lw=1, marker=".",
-                    label=f"{r['model']} running-mean, re-estimated statistics")
+            ax.plot(*_gapped(epochs, [100 * rec["trained"][mode] for rec in r["records"]]),
+                    style, color=color, lw=1.5, marker=".", ms=2, label=mode)
+        ax.plot(*_gapped(epochs, [100 * rec["reestimated"]["running-mean"]
+                                  for rec in r["records"]]),
+                "-.", color=color, lw=1, marker=".", label="running-mean, re-estimated statistics")
+        ax.set(xlabel="epoch", ylabel="clean test accuracy (%)",
+               title=f"{r['model']} per epoch, by BN mode and statistics")
         if all(rec["awn"] for rec in r["records"]):
-            ax_awn.plot(epochs, [rec["awn"]["nu_max"] for rec in r["records"]], "-",
+            ax_awn.plot(*_gapped(epochs, [rec["awn"]["nu_max"] for rec in r["records"]]), "-",
                         color=color, label=f"{r['model']} max |nu - 1|")
-            ax_awn.plot(epochs, [rec["awn"]["upsilon_max"] for rec in r["records"]], "--",
-                        color=color, label=f"{r['model']} max |upsilon|")
-    ax_acc.set(xlabel="epoch", ylabel="clean test accuracy (%)",
-               title="Per epoch, by BN mode and statistics")
+            ax_awn.plot(*_gapped(epochs, [rec["awn"]["upsilon_max"] for rec in r["records"]]),
+                        "--", color=color, label=f"{r['model']} max |upsilon|")
+    for ax in run_axes[1:]:
+        ax.sharex(run_axes[0])
+        ax.sharey(run_axes[0])
     ax_awn.set(xlabel="epoch", ylabel="distance from the start (nu = 1, upsilon = 0)",
                title="AWN's adaptive parameters")
-    for ax in (ax_acc, ax_awn):
+    for ax in (*run_axes, ax_awn):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.has_data():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
