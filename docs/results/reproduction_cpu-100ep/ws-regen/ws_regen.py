@@ -1,10 +1,14 @@
-"""Regenerate ANN-WS's lost checkpoints (epochs 3-42) from the kept epoch 2, in its own
-folder: this machine retrains epoch 41 from 40 bit for bit (notes/ws_determinism.py). Stops
-after epoch 42; resumes from its latest checkpoint."""
-import json, os
+"""Regenerate ANN-WS's lost checkpoints (epochs 3-42) from the kept epoch 2, in a folder of
+their own: this machine retrains epoch 41 from 40 bit for bit (ws_determinism.py). Trains on
+from the folder's latest checkpoint; ws_regen.sh stops it once epoch 42 is saved."""
+import json
+import os
+
 import ml_collections
+
 from awn_jax.training.loop import train_and_evaluate
-S = os.path.expanduser("~/awn-runs/ws-regen")
-config = ml_collections.ConfigDict(json.load(open(os.path.join(S, "config.json"))))
-config.workdir = S
-train_and_evaluate(config, S)
+
+FOLDER = os.path.expanduser("~/awn-runs/ws-regen")
+config = ml_collections.ConfigDict(json.load(open(os.path.join(FOLDER, "config.json"))))
+config.workdir = FOLDER
+train_and_evaluate(config, FOLDER)
