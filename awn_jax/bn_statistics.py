@@ -267,12 +267,14 @@ def reestimate(graphdef, params, batch_stats, batches: Callable[[], Iterable[np.
     if source not in _FORWARD_MODE:
         raise UserError(f"cannot re-estimate {source!r} statistics; expected one of "
                         f"{', '.join(_FORWARD_MODE)}")
-    sizes = [len(images) for images in batches()]
+    sizes, image_shape = [], None  # one read of the batches for their sizes and shape
+    for images in batches():
+        sizes.append(len(images))
+        image_shape = np.shape(images)[1:]
     if not sizes:
         raise UserError("re-estimating BN statistics needs at least one batch of images")
     mesh = make_mesh() if mesh is None else mesh
     graphdef = with_bn_mode(graphdef, params, batch_stats, _FORWARD_MODE[source])
-    image_shape = np.shape(next(iter(batches())))[1:]
     plan = _trace_segments(graphdef, params, batch_stats, image_shape, whole=False)
     largest = max((int(np.prod(segment.output_shape)) for segment in plan[:-1]), default=0)
     if 2 * 4 * largest * sum(sizes) > cache_bytes:  # float32, a segment's input and output
