@@ -32,7 +32,7 @@ from flax import nnx
 from awn_jax.errors import UserError
 from awn_jax.nn.batchnorm import BatchNorm
 from awn_jax.nn.layers import Conv2d
-from awn_jax.nn.resnet import ResNet
+from awn_jax.nn.resnet import ResNet, stem
 
 
 class Backbone(nnx.Module):
@@ -53,9 +53,7 @@ class Backbone(nnx.Module):
                                   for stage in resnet.stages)
 
     def __call__(self, images):
-        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        x = nnx.relu(self.stem_bn(self.stem_conv(x)))
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = stem(images, self.mean, self.std, self.stem_conv, self.stem_bn, max_pool=True)
         outputs = []
         for stage in self.stages:
             for block in stage:

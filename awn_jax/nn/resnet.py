@@ -122,6 +122,16 @@ class Bottleneck(nnx.Module):
         return nnx.relu(y + residual)
 
 
+def stem(images, mean, std, conv, bn, *, max_pool: bool):
+    """Normalize [0, 1] images, then convolution, BatchNorm, ReLU and (ImageNet stems) a 3x3/2
+    max pool: the ResNet's stem, shared with the detection backbone (``detection.fpn``)."""
+    x = (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
+    x = nnx.relu(bn(conv(x)))
+    if max_pool:
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+
 class ResNet(nnx.Module):
     """Stem, stages of residual blocks (stride 2 from the second stage on), head.
 
@@ -205,11 +215,8 @@ class ResNet(nnx.Module):
         return [self._stem, *(block for stage in self.stages for block in stage), self._head]
 
     def _stem(self, images):
-        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        x = nnx.relu(self.stem_bn(self.stem_conv(x)))
-        if self.imagenet_stem:
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        return x
+        return stem(images, self.mean, self.std, self.stem_conv, self.stem_bn,
+                    max_pool=self.imagenet_stem)
 
     def _head(self, x):
         x = self.classifier(jnp.mean(x, axis=(1, 2), keepdims=True))
