@@ -29,7 +29,7 @@ from absl import flags
 
 from awn_jax import cli, pretrained, reports
 from awn_jax.errors import UserError
-from awn_jax.stability import (bn_diagnostics, curves, distributions, epoch_records,
+from awn_jax.stability import (bn_diagnostics, common, curves, distributions, epoch_records,
                                interpolation, layer_variance, theory)
 from awn_jax.training import checkpointing
 from awn_jax.training.runs import load_run
@@ -91,8 +91,8 @@ def _studies() -> list[str]:
     return names
 
 
-def _write(output_dir, stem, results, *figures) -> None:
-    print(reports.write(output_dir, f"stability_{stem}", results))
+def _write(output_dir, stem, results, *figures, markdown=None) -> None:
+    print(reports.write(output_dir, f"stability_{stem}", results, markdown))
     for suffix, fig in figures:
         print(reports.save_figure(fig, output_dir, f"stability_{stem}{suffix}"))
 
@@ -132,7 +132,7 @@ def _distributions(workdirs, output_dir) -> None:
         results.append(distributions.analyze_run(
             runs, layers=_LAYERS.value, num_images=_FEATURE_IMAGES.value,
             bn_mode=_BN_MODE.value, bins=_BINS.value, seed=_SEED.value))
-    results = distributions.relabel(results)
+    results = common.relabel(results)
     _write(output_dir, "distributions", results,
            ("_weights", distributions.plot_weights(results)),
            ("_features", distributions.plot_features(results)),
@@ -180,12 +180,14 @@ def _epoch_records(workdirs, output_dir) -> None:
         bn_stats=chosen if chosen.reestimated else dataclasses.replace(
             epoch_records.RecordSettings().bn_stats, batch_size=_BATCH_SIZE.value))
     epochs = [int(e) for e in _EPOCHS.value] if _EPOCHS.value else None
-    results = [epoch_records.collect(w, settings, epochs, _DATA_DIR.value,
-                                     progress=lambda e, w=w: print(f"{w}: epoch {e}",
-                                                                   flush=True))
-               for w in workdirs]
-    _write(output_dir, "epoch_records", results, ("", epoch_records.plot(results)))
-    print(epoch_records.format_markdown(results))
+    results = common.relabel([
+        epoch_records.collect(w, settings, epochs, _DATA_DIR.value,
+                              progress=lambda e, w=w: print(f"{w}: epoch {e}", flush=True))
+        for w in workdirs])
+    markdown = epoch_records.format_markdown(results)
+    _write(output_dir, "epoch_records", results, ("", epoch_records.plot(results)),
+           markdown=markdown)
+    print(markdown)
 
 
 def main(argv):

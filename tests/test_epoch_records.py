@@ -4,7 +4,10 @@ parameters, accuracies that are the evaluator's, one cached record per saved epo
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,6 +19,7 @@ from awn_jax.stability import epoch_records
 from awn_jax.training.runs import load_run
 from workdirs import random_workdir
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = epoch_records.RecordSettings(test_examples=40, batch_size=20,
                                         bn_stats=BNStats("reestimate", 32, batch_size=16))
 
@@ -78,6 +82,55 @@ def test_records_are_the_evaluators_accuracies_and_cached(workdir, monkeypatch, 
     assert "| 2 | " in markdown and "max abs(nu-1)" in markdown
     # One accuracy panel per run and AWN's, two to a row: 1 run 1x2, 2 runs 3 of 2x2.
     assert [len(epoch_records.plot([result] * n).axes) for n in (1, 2, 3)] == [2, 3, 4]
+
+
+def _record(epoch, tracked, running_mean, re_tracked=0.5, re_running_mean=0.5):
+    return {"epoch": epoch,
+            "trained": {"tracked": tracked, "running-mean": running_mean},
+            "reestimated": {"tracked": re_tracked, "running-mean": re_running_mean}}
+
+
+def test_defense_gaps_compare_the_runs_on_their_common_epochs_by_quarter():
+    # "-R" minus tracked: run A -10 points at epoch 1, +2 and -4 at epochs 7 and 8 (epoch 6
+    # only A has: left out); run B -1 point everywhere, re-estimated +0.5 at epoch 8.
+    a = {"model": "A", "records": [_record(1, 0.5, 0.4), _record(6, 0.5, 0.0),
+                                   _record(7, 0.6, 0.62), _record(8, 0.7, 0.66)]}
+    b = {"model": "B", "records": [_record(e, 0.5, 0.49) for e in (1, 2, 7)]
+         + [_record(8, 0.5, 0.49, 0.5, 0.505)]}
+    rows = epoch_records.defense_gaps([a, b])
+    assert [(r["epochs"], r["recorded"]) for r in rows] == [([1, 2], [1]), ([7, 8], [7, 8])]
+    assert rows[0]["runs"]["A"]["trained"] == pytest.approx(
+        {"mean": -10.0, "min": -10.0, "max": -10.0, "below": 1})
+    assert rows[1]["runs"]["A"]["trained"] == pytest.approx(
+        {"mean": -1.0, "min": -4.0, "max": 2.0, "below": 1})
+    assert rows[1]["runs"]["B"]["trained"]["below"] == 2
+    assert rows[1]["runs"]["B"]["reestimated"] == pytest.approx(
+        {"mean": 0.25, "min": 0.0, "max": 0.5, "below": 0})
+    table = "\n".join(epoch_records.format_defense_gaps(rows))
+    assert "| 7-8 (2) | -1.00 (-4.00 to +2.00), 1 below | -1.00 (-1.00 to -1.00), 2 below |" \
+        in table
+
+
+def test_cli_writes_records_table_and_figure_of_two_runs(workdir, tmp_path):
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for run in runs:
+        shutil.copytree(workdir, run)
+    out = str(tmp_path / "out")
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(jax.device_count())}
+    result = subprocess.run(
+        [sys.executable, "analyze.py", "--study", "epoch-records", "--workdir", runs[0],
+         "--workdir", runs[1], "--output_dir", out, "--num_examples", "40", "--batch_size",
+         "20", "--bn_stats", "reestimate", "--bn_stats_images", "32"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stem = os.path.join(out, "stability_epoch_records")
+    assert all(os.path.exists(stem + suffix) for suffix in (".json", ".md", ".png"))
+    with open(stem + ".md") as f:
+        markdown = f.read()
+    # The copies are the same run, so their "-R" gaps are equal, cell for cell.
+    row = next(line for line in markdown.splitlines() if line.startswith("| 2-2 (1) |"))
+    cells = row.strip("|").split("|")[1:]
+    assert len(cells) == 4 and cells[0] == cells[1] and cells[2] == cells[3]
 
 
 def test_cumulative_learning_rate_of_the_official_cosine():

@@ -26,7 +26,6 @@ from awn_jax.model import bn_drift, named_leaves, with_bn_mode
 from awn_jax.nn import Conv2d
 from awn_jax.nn.layers import record_calls
 from awn_jax.reports import new_figure
-from awn_jax.stability.common import unique_labels
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,12 +230,6 @@ def analyze_run(runs, *, layers=None, num_images=256, bn_mode="tracked", bins=60
             "num_images": int(len(images)), "bn_mode": bn_mode, "weights": weights,
             "features": features, "feature_histograms": histograms, "bn_running_var": bn,
             "bn_mean_shift": shifts}
-
-
-def relabel(results) -> list[dict]:
-    """Distinct model labels when two runs share a layer type."""
-    labels = unique_labels([r["model"] for r in results], [r["workdir"] for r in results])
-    return [{**r, "model": label} for r, label in zip(results, labels)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -233,8 +233,52 @@ def plot(results):
     return fig
 
 
+def defense_gaps(results, parts: int = 4) -> list[dict]:
+    """How far "-R" (``running-mean``) lies from ``tracked``, in points, with the trained and
+    with re-estimated statistics, over each of ``parts`` equal stretches of the longest run.
+    Only the epochs every run has a record of count, so the runs are compared on the same
+    epochs. Per stretch and run: the mean, the range and on how many epochs "-R" is below."""
+    last = max(rec["epoch"] for r in results for rec in r["records"])
+    by_epoch = [{rec["epoch"]: rec for rec in r["records"]} for r in results]
+    common = sorted(set.intersection(*(set(records) for records in by_epoch)))
+    rows = []
+    for part in range(parts):
+        first, end = part * last // parts + 1, (part + 1) * last // parts
+        epochs = [e for e in common if first <= e <= end]
+        if not epochs:
+            continue
+        runs = {}
+        for r, records in zip(results, by_epoch):
+            runs[r["model"]] = {stats: _gap_stats(
+                [100 * (records[e][stats]["running-mean"] - records[e][stats]["tracked"])
+                 for e in epochs]) for stats in ("trained", "reestimated")}
+        rows.append({"epochs": [first, end], "recorded": epochs, "runs": runs})
+    return rows
+
+
+def _gap_stats(gaps) -> dict:
+    return {"mean": float(np.mean(gaps)), "min": float(min(gaps)), "max": float(max(gaps)),
+            "below": sum(g < 0 for g in gaps)}
+
+
+def format_defense_gaps(rows) -> list[str]:
+    """:func:`defense_gaps` as a Markdown table: a stretch of training a line."""
+    if not rows:
+        return []
+    models = list(rows[0]["runs"])
+    head = [f"{m}, {label}" for label in ("running averages", "re-estimated") for m in models]
+    lines = ['"-R" minus `tracked` (points: mean over the epochs, range, epochs below):', "",
+             "| epochs (records) | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["runs"][m][stats] for stats in ("trained", "reestimated") for m in models]
+        lines.append(f"| {row['epochs'][0]}-{row['epochs'][1]} ({len(row['recorded'])}) | "
+                     + " | ".join(f"{c['mean']:+.2f} ({c['min']:+.2f} to {c['max']:+.2f}), "
+                                  f"{c['below']} below" for c in cells) + " |")
+    return lines + [""]
+
+
 def format_markdown(results) -> str:
-    """One table per run: an epoch a line."""
+    """One table per run (an epoch a line), then :func:`defense_gaps` of the runs."""
     lines = []
     for r in results:
         awn = all(rec["awn"] for rec in r["records"])
@@ -252,7 +296,7 @@ def format_markdown(results) -> str:
         lines.append("")
         if r.get("awn_extrapolation"):
             lines += format_extrapolation(r["awn_extrapolation"])
-    return "\n".join(lines)
+    return "\n".join(lines + format_defense_gaps(defense_gaps(results)))
 
 
 def format_extrapolation(extrapolation) -> list[str]:
