@@ -109,6 +109,7 @@ def test_defense_gaps_compare_the_runs_on_their_common_epochs_by_quarter():
     table = "\n".join(epoch_records.format_defense_gaps(rows))
     assert "| 7-8 (2) | -1.00 (-4.00 to +2.00), 1 below | -1.00 (-1.00 to -1.00), 2 below |" \
         in table
+    assert epoch_records.defense_gaps([a, {"model": "C", "records": []}]) == []
 
 
 def test_cli_writes_records_table_and_figure_of_two_runs(workdir, tmp_path):

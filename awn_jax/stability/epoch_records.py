@@ -238,6 +238,8 @@ def defense_gaps(results, parts: int = 4) -> list[dict]:
     with re-estimated statistics, over each of ``parts`` equal stretches of the longest run.
     Only the epochs every run has a record of count, so the runs are compared on the same
     epochs. Per stretch and run: the mean, the range and on how many epochs "-R" is below."""
+    if not all(r["records"] for r in results):
+        return []
     last = max(rec["epoch"] for r in results for rec in r["records"])
     by_epoch = [{rec["epoch"]: rec for rec in r["records"]} for r in results]
     common = sorted(set.intersection(*(set(records) for records in by_epoch)))
