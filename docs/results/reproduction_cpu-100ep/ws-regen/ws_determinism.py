@@ -10,13 +10,14 @@ import ml_collections
 import numpy as np
 
 from awn_jax.model import named_leaves
+from awn_jax.training import checkpointing
 from awn_jax.training.loop import train_and_evaluate
 from awn_jax.training.runs import load_run
 
 SCRATCH = os.path.expanduser("~/awn-runs/ws-determinism")
 ORIGINAL = os.path.expanduser("~/awn-runs/cpu-100ep/adder-ws")
 
-config = ml_collections.ConfigDict(json.load(open(os.path.join(SCRATCH, "config.json"))))
+config = ml_collections.ConfigDict(checkpointing.load_config_dict(SCRATCH))
 config.workdir = SCRATCH
 if not os.path.isdir(os.path.join(SCRATCH, "checkpoints", "41")):
     train_and_evaluate(config, SCRATCH, deadline=time.time())  # one epoch: 41
